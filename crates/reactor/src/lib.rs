@@ -1,0 +1,1 @@
+//! Pollux reactor framework (in progress).
