@@ -20,14 +20,20 @@ pub enum CpuMaskError {
     #[error("core list {mask:?}: {item:?} is not a core number or a range like 2-4")]
     BadListItem { mask: String, item: String },
     #[error("core list {mask:?}: range {first}-{last} runs backwards")]
-    BackwardsRange { mask: String, first: usize, last: usize },
+    BackwardsRange {
+        mask: String,
+        first: usize,
+        last: usize,
+    },
     #[error("core list {mask:?} is missing its closing ']'")]
     UnclosedList { mask: String },
     #[error("core {core} is outside the {MAX_CORES} cores a mask can name")]
     CoreOutOfRange { core: usize },
     #[error("core mask {mask:?} selects no core")]
     NoCoreSelected { mask: String },
-    #[error("core {core} of mask {mask:?} is not available on this machine (available: {available})")]
+    #[error(
+        "core {core} of mask {mask:?} is not available on this machine (available: {available})"
+    )]
     CoreNotAvailable {
         mask: String,
         core: usize,
@@ -341,7 +347,11 @@ mod tests {
         ));
         assert!(matches!(
             CpuMask::parse("[4-2]"),
-            Err(CpuMaskError::BackwardsRange { first: 4, last: 2, .. })
+            Err(CpuMaskError::BackwardsRange {
+                first: 4,
+                last: 2,
+                ..
+            })
         ));
         assert!(matches!(
             CpuMask::parse("[2000]"),
@@ -362,7 +372,10 @@ mod tests {
         let available: CpuMask = [0, 1].into_iter().collect();
         let mask = CpuMask::parse("0x5").unwrap();
         let error = mask.check_available("0x5", &available).unwrap_err();
-        assert!(matches!(error, CpuMaskError::CoreNotAvailable { core: 2, .. }));
+        assert!(matches!(
+            error,
+            CpuMaskError::CoreNotAvailable { core: 2, .. }
+        ));
         assert!(error.to_string().contains("core 2"));
         let beyond = format!("[{}]", MAX_CORES - 1);
         assert!(matches!(

@@ -27,7 +27,10 @@ impl PciAddress {
             text: text.to_string(),
             reason,
         };
-        let (head, function) = text.trim().rsplit_once('.').ok_or(error("no '.function'"))?;
+        let (head, function) = text
+            .trim()
+            .rsplit_once('.')
+            .ok_or(error("no '.function'"))?;
         let parts: Vec<&str> = head.split(':').collect();
         let (domain, bus, device) = match parts.as_slice() {
             [domain, bus, device] => (*domain, *bus, *device),
@@ -100,7 +103,10 @@ mod tests {
         assert_eq!(address.bus, 0);
         assert_eq!(address.device, 3);
         assert_eq!(address.to_string(), "0000:00:03.0");
-        assert_eq!(PciAddress::parse("af:1f.7").unwrap().to_string(), "0000:af:1f.7");
+        assert_eq!(
+            PciAddress::parse("af:1f.7").unwrap().to_string(),
+            "0000:af:1f.7"
+        );
         assert_eq!(
             PciAddress::parse("10000:01:00.1").unwrap().to_string(),
             "10000:01:00.1"
@@ -109,7 +115,17 @@ mod tests {
 
     #[test]
     fn refuses_malformed() {
-        for bad in ["", "0000:00:03", "00:03", "0000:00:20.0", "0000:00:03.8", "0000:100:03.0", "xx:00.0", "0:0:0:0.0", "0000:00:03.0.1"] {
+        for bad in [
+            "",
+            "0000:00:03",
+            "00:03",
+            "0000:00:20.0",
+            "0000:00:03.8",
+            "0000:100:03.0",
+            "xx:00.0",
+            "0:0:0:0.0",
+            "0000:00:03.0.1",
+        ] {
             assert!(PciAddress::parse(bad).is_err(), "{bad} accepted");
         }
     }
