@@ -37,7 +37,7 @@ pub enum CpuMaskError {
     CoreNotAvailable {
         mask: String,
         core: usize,
-        available: CpuMask,
+        available: Box<CpuMask>,
     },
 }
 
@@ -91,7 +91,7 @@ impl CpuMask {
             Some(core) => Err(CpuMaskError::CoreNotAvailable {
                 mask: text.to_string(),
                 core,
-                available: *available,
+                available: Box::new(*available),
             }),
             None => Ok(()),
         }

@@ -8,5 +8,9 @@
 //! - [`pci`] / [`vfio`]: PCI addresses, VFIO container/group/device, BAR mapping, DMA mapping.
 
 pub mod cpumask;
+pub mod dma;
 pub mod memmap;
 pub mod pci;
+pub mod pool;
+pub mod topology;
+pub mod vfio;
