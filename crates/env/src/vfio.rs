@@ -95,8 +95,8 @@ pub enum VfioError {
         source: io::Error,
     },
     #[error(
-        "PCI device {address} is bound to {}, not vfio-pci; bind it with `scripts/setup.sh`",
-        driver.as_deref().unwrap_or("no driver")
+        "PCI device {address} is not bound to vfio-pci (driver: {}); bind it with `scripts/setup.sh`",
+        driver.as_deref().unwrap_or("none")
     )]
     NotBoundToVfio {
         address: PciAddress,
@@ -257,9 +257,12 @@ pub struct IovaRange {
 }
 
 impl IovaRange {
-    /// Whether `[start, start + len)` lies inside this range (`len > 0`).
+    /// Whether `[start, start + len)` lies inside this range (never for `len == 0`).
     fn holds(&self, start: u64, len: u64) -> bool {
-        match start.checked_add(len - 1) {
+        match len
+            .checked_sub(1)
+            .and_then(|extra| start.checked_add(extra))
+        {
             Some(last) => start >= self.start && last <= self.end,
             None => false,
         }
@@ -271,8 +274,9 @@ impl IovaRange {
 pub struct IommuInfo {
     /// Bitmap of supported IOMMU page sizes (bit n set: 2^n bytes).
     pub page_sizes: u64,
-    /// Usable IOVA ranges, sorted; `None` in the capability means the kernel predates it
-    /// (< 5.4), and then the whole 64-bit space is assumed, as the kernel would accept it.
+    /// Usable IOVA ranges, sorted. Kernels before 5.4 do not report them; then the whole
+    /// 64-bit space is assumed and an identity mapping the IOMMU refuses (EINVAL) falls back
+    /// to an allocated IOVA.
     pub iova_ranges: Vec<IovaRange>,
     /// Whether `iova_ranges` came from the kernel (false: assumed).
     pub iova_ranges_reported: bool,
@@ -328,7 +332,7 @@ pub struct DmaMapping {
 }
 
 struct DmaState {
-    /// Read once the first group is attached (the IOMMU type is set only then).
+    /// Read after each group attach (the IOMMU type is set only once the first is attached).
     iommu: Option<IommuInfo>,
     /// Live mappings by IOVA; identity and allocated mappings share one IOVA space.
     mappings: BTreeMap<u64, DmaMapping>,
@@ -403,12 +407,11 @@ impl VfioContainer {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Reads the IOMMU information after the first attach (the type1 backend exists only then).
+    /// Reads the IOMMU information after each attach: the type1 backend exists only once a
+    /// group is attached, and every group attached can narrow the usable ranges (the kernel
+    /// reports what all of the container's IOMMUs accept).
     fn load_iommu_info(&self) -> Result<(), VfioError> {
         let mut state = self.state();
-        if state.iommu.is_some() {
-            return Ok(());
-        }
         let info = query_iommu_info(self.inner.as_raw_fd())?;
         tracing::info!(
             page_sizes = format_args!("{:#x}", info.page_sizes),
@@ -805,7 +808,10 @@ pub struct VfioPciDevice {
 impl VfioPciDevice {
     /// Opens `address` in the process-wide container ([`VfioContainer::shared`]).
     pub fn open(address: &PciAddress) -> Result<Self, VfioError> {
-        Self::open_in(&VfioContainer::shared()?, address)
+        // Check the device before opening /dev/vfio/vfio: "not bound to vfio-pci" says more
+        // than "no /dev/vfio/vfio" when nothing is set up yet.
+        let (sysfs, group) = Self::check_bindings(address)?;
+        Self::attach(&VfioContainer::shared()?, *address, &sysfs, group)
     }
 
     /// Opens `address` and attaches its IOMMU group to `container`.
@@ -813,6 +819,13 @@ impl VfioPciDevice {
         container: &Arc<VfioContainer>,
         address: &PciAddress,
     ) -> Result<Self, VfioError> {
+        let (sysfs, group) = Self::check_bindings(address)?;
+        Self::attach(container, *address, &sysfs, group)
+    }
+
+    /// Checks that the device exists, is bound to vfio-pci and that its IOMMU group is
+    /// viable; returns its sysfs directory and group number.
+    fn check_bindings(address: &PciAddress) -> Result<(PathBuf, u32), VfioError> {
         let address = *address;
         let sysfs = address.sysfs_path(SYSFS_ROOT);
         std::fs::metadata(&sysfs).map_err(|source| VfioError::DeviceNotFound {
@@ -826,8 +839,16 @@ impl VfioPciDevice {
         }
         let group = iommu_group(&address, &sysfs)?;
         check_group_viable(&address, &sysfs, group)?;
+        Ok((sysfs, group))
+    }
 
-        let device = vfio_ioctls::VfioDevice::new(&sysfs, container.inner.clone(), false).map_err(
+    fn attach(
+        container: &Arc<VfioContainer>,
+        address: PciAddress,
+        sysfs: &Path,
+        group: u32,
+    ) -> Result<Self, VfioError> {
+        let device = vfio_ioctls::VfioDevice::new(sysfs, container.inner.clone(), false).map_err(
             |error| match error {
                 vfio_ioctls::VfioError::OpenGroup(source, _) => VfioError::GroupOpen {
                     address,
@@ -1118,24 +1139,18 @@ impl Bar<'_> {
 
     /// Pointer to `width` bytes at `offset`, aligned to `width` and inside the mapping.
     fn at(&self, offset: u64, width: usize) -> Result<*mut u8, VfioError> {
-        let error = VfioError::BarOffset {
-            index: self.index,
-            offset,
-            width,
-            len: self.len,
-        };
-        let start = usize::try_from(offset).map_err(|_| error)?;
-        let fits =
-            start % width == 0 && start.checked_add(width).is_some_and(|end| end <= self.len);
-        if !fits {
-            return Err(VfioError::BarOffset {
+        let start = usize::try_from(offset)
+            .ok()
+            .filter(|start| start.is_multiple_of(width))
+            .filter(|start| start.checked_add(width).is_some_and(|end| end <= self.len))
+            .ok_or(VfioError::BarOffset {
                 index: self.index,
                 offset,
                 width,
                 len: self.len,
-            });
-        }
-        // SAFETY: `start + width <= len`, so the result stays inside the mapping.
+            })?;
+        // SAFETY: `start + width <= len`, so the result stays inside the mapping. The mapping
+        // starts on a page boundary, so `start % width == 0` makes the access aligned.
         Ok(unsafe { self.ptr.as_ptr().add(start) })
     }
 
@@ -1181,6 +1196,52 @@ impl Drop for Bar<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `Bar` over anonymous memory, to test the access checks without a device.
+    fn anonymous_bar(len: usize) -> Bar<'static> {
+        // SAFETY: a fresh private anonymous mapping; `Bar`'s Drop unmaps exactly it.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        Bar {
+            ptr: NonNull::new(ptr.cast()).unwrap(),
+            len,
+            index: 0,
+            _device: PhantomData,
+        }
+    }
+
+    #[test]
+    fn bar_accesses_are_checked() {
+        let bar = anonymous_bar(0x1000);
+        bar.write32(0x14, 0x0046_0001).unwrap();
+        assert_eq!(bar.read32(0x14).unwrap(), 0x0046_0001);
+        bar.write64(0x28, 0x1234_5678_9abc_d000).unwrap();
+        assert_eq!(bar.read64(0x28).unwrap(), 0x1234_5678_9abc_d000);
+        assert_eq!(bar.read32(0x2c).unwrap(), 0x1234_5678);
+        assert_eq!(bar.read32(0xffc).unwrap(), 0);
+        for (offset, width) in [(0x1000, 4), (0xffe, 4), (0x2, 4), (0xffc, 8), (0x4, 8)] {
+            let result = if width == 4 {
+                bar.read32(offset).map(u64::from)
+            } else {
+                bar.read64(offset)
+            };
+            assert!(
+                matches!(result, Err(VfioError::BarOffset { .. })),
+                "{width}-byte access at {offset:#x} accepted"
+            );
+        }
+        assert!(bar.write32(u64::MAX - 3, 0).is_err());
+        assert!(bar.write64(1 << 63, 0).is_err());
+    }
 
     fn mapping(iova: u64, len: u64) -> (u64, DmaMapping) {
         (

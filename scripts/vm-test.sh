@@ -1,0 +1,283 @@
+#!/usr/bin/env bash
+# Runs Pollux test suites inside QEMU guests (TCG, no KVM or host VFIO needed).
+#
+#   scripts/vm-test.sh <suite>...   run the named suites (see --list)
+#   scripts/vm-test.sh all          run every suite
+#   scripts/vm-test.sh --list       list the suites
+#
+# A suite is two files:
+#   scripts/vm/<suite>.sh    the guest script, run by the initramfs /init as
+#                            `sh /pollux/<suite>.sh <variant>` (helpers: scripts/vm/lib.sh);
+#   scripts/vm/<suite>.conf  sourced here (bash): SUITE_PACKAGES (cargo packages to build in
+#                            release mode), SUITE_BINS (their binaries to put in the guest),
+#                            SUITE_MODULES (kernel modules, with dependencies, for the guest),
+#                            SUITE_VARIANTS (one boot each), and suite_qemu_args VARIANT, which
+#                            prints the suite's extra QEMU arguments one per line. The .conf may
+#                            use $REPO, $CACHE and `vm_disk NAME MiB` (a cached raw disk image).
+# Each variant boots once; it passes when the guest prints `POLLUX-SUITE-RESULT: PASS`, exits
+# in time, and its kernel log shows no IOMMU DMA fault (`DMAR: [DMA`).
+#
+# Environment:
+#   POLLUX_VM_CACHE    cache for the guest kernel, initramfs, disks and logs
+#                      (default: <repo>/.cache/vm; git-ignored)
+#   POLLUX_VM_TIMEOUT  seconds one guest may run before it is killed (default 300)
+#   POLLUX_VM_VERBOSE  1: stream the guest console while it runs
+#   CARGO_TARGET_DIR   as for cargo (default <repo>/target)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VM_DIR="$REPO/scripts/vm"
+CACHE="${POLLUX_VM_CACHE:-$REPO/.cache/vm}"
+TIMEOUT_S="${POLLUX_VM_TIMEOUT:-300}"
+VERBOSE="${POLLUX_VM_VERBOSE:-0}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
+PASS_MARKER="POLLUX-SUITE-RESULT: PASS"
+DMA_FAULT_PATTERN='DMAR: \[DMA'
+
+log() { printf 'vm-test: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+list_suites() {
+    local conf
+    for conf in "$VM_DIR"/*.conf; do
+        [[ -e "$conf" ]] || continue
+        basename "$conf" .conf
+    done
+}
+
+as_root() {
+    if [[ "$(id -u)" -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null; then
+        sudo "$@"
+    else
+        die "need root (or sudo) to run: $*"
+    fi
+}
+
+APT_UPDATED=0
+apt_update_once() {
+    if [[ "$APT_UPDATED" -eq 0 ]]; then
+        log "apt-get update"
+        as_root apt-get update -qq
+        APT_UPDATED=1
+    fi
+}
+
+# Installs the host tools when one is missing. qemu-utils is pinned to qemu-system-x86's
+# version: some images carry a newer backported qemu-utils that conflicts with it.
+ensure_host_tools() {
+    local missing=0 tool
+    for tool in qemu-system-x86_64 qemu-img cpio depmod modprobe timeout; do
+        command -v "$tool" >/dev/null || missing=1
+    done
+    [[ -x /bin/busybox ]] && dpkg -s busybox-static >/dev/null 2>&1 || missing=1
+    [[ "$missing" -eq 0 ]] && return 0
+    apt_update_once
+    local qemu_version
+    qemu_version="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')"
+    [[ -n "$qemu_version" && "$qemu_version" != "(none)" ]] || die "no qemu-system-x86 package available"
+    log "installing qemu-system-x86 qemu-utils=$qemu_version busybox-static cpio kmod"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        --allow-downgrades qemu-system-x86 "qemu-utils=$qemu_version" busybox-static cpio kmod
+}
+
+# Sets KERNEL_ROOT, KERNEL_VERSION and KERNEL_IMAGE: Debian's current amd64 kernel package,
+# unpacked once into the cache (with depmod run on it).
+ensure_kernel() {
+    local package
+    package="$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')"
+    if [[ -z "$package" ]]; then
+        apt_update_once
+        package="$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')"
+    fi
+    [[ -n "$package" ]] || die "cannot find the package linux-image-amd64 depends on"
+    KERNEL_ROOT="$CACHE/kernel/$package"
+    if [[ ! -e "$KERNEL_ROOT/.ready" ]]; then
+        log "downloading and unpacking $package"
+        local debs="$CACHE/debs"
+        mkdir -p "$debs"
+        rm -rf "$KERNEL_ROOT"
+        # apt-get download warns when the _apt user cannot write here; the download still works.
+        (cd "$debs" && apt-get download -q "$package") 2>&1 |
+            { grep -v '^W: Download is performed unsandboxed' || true; } >&2
+        local deb
+        deb="$(find "$debs" -maxdepth 1 -name "${package}_*.deb" | sort | tail -n 1)"
+        [[ -n "$deb" ]] || die "apt-get download $package produced no .deb in $debs"
+        mkdir -p "$KERNEL_ROOT"
+        dpkg -x "$deb" "$KERNEL_ROOT"
+        KERNEL_VERSION="$(ls "$KERNEL_ROOT/lib/modules")"
+        depmod -b "$KERNEL_ROOT" "$KERNEL_VERSION"
+        touch "$KERNEL_ROOT/.ready"
+    fi
+    KERNEL_VERSION="$(ls "$KERNEL_ROOT/lib/modules")"
+    KERNEL_IMAGE="$KERNEL_ROOT/boot/vmlinuz-$KERNEL_VERSION"
+    [[ -f "$KERNEL_IMAGE" ]] || die "no kernel image at $KERNEL_IMAGE"
+}
+
+# Copies a host file into the initramfs tree at the same path (following links).
+copy_host_file() {
+    local file="$1" root="$2"
+    mkdir -p "$root$(dirname "$file")"
+    cp -L "$file" "$root$file"
+}
+
+# Builds the suite's initramfs into $INITRAMFS.
+build_initramfs() {
+    local suite="$1"
+    local root="$CACHE/initramfs/$suite.root"
+    INITRAMFS="$CACHE/initramfs/$suite.cpio.gz"
+    rm -rf "$root"
+    mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,pollux,lib/modules}
+
+    cp /bin/busybox "$root/bin/busybox"
+    cp "$VM_DIR/init" "$root/init"
+    chmod 755 "$root/init"
+    cp "$VM_DIR/lib.sh" "$VM_DIR/$suite.sh" "$root/pollux/"
+
+    # Kernel modules with their dependencies, in the layout modprobe expects.
+    local module line path modules_dir="lib/modules/$KERNEL_VERSION"
+    mkdir -p "$root/$modules_dir"
+    for module in "${SUITE_MODULES[@]}"; do
+        while read -r line; do
+            case "$line" in
+                insmod\ *)
+                    path="${line#insmod }"
+                    path="${path%% *}"
+                    mkdir -p "$root$(dirname "${path#"$KERNEL_ROOT"}")"
+                    cp "$path" "$root${path#"$KERNEL_ROOT"}"
+                    ;;
+            esac
+        done < <(modprobe -d "$KERNEL_ROOT" -S "$KERNEL_VERSION" --show-depends "$module")
+    done
+    cp "$KERNEL_ROOT/$modules_dir"/modules.{order,builtin,builtin.modinfo} "$root/$modules_dir/"
+    depmod -b "$root" "$KERNEL_VERSION"
+
+    # Test binaries, their shared libraries and the dynamic loader.
+    local bin lib
+    for bin in "${SUITE_BINS[@]}"; do
+        path="$TARGET_DIR/release/$bin"
+        [[ -x "$path" ]] || die "binary $path missing after cargo build"
+        cp "$path" "$root/bin/$bin"
+        while read -r lib; do
+            copy_host_file "$lib" "$root"
+        done < <(ldd "$path" | awk '/=> \//{print $3} /^[[:space:]]*\/[^ ]*ld-linux/{print $1}')
+    done
+
+    (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 > "$INITRAMFS"
+}
+
+# Creates (once) a zeroed raw disk image and prints its path; for suite_qemu_args.
+vm_disk() {
+    local name="$1" size_mib="$2"
+    local path="$CACHE/disks/$name.img"
+    mkdir -p "$CACHE/disks"
+    if [[ ! -f "$path" ]]; then
+        qemu-img create -q -f raw "$path" "${size_mib}M"
+    fi
+    printf '%s\n' "$path"
+}
+
+# Boots one variant of a suite; returns non-zero when it failed.
+run_variant() {
+    local suite="$1" variant="$2"
+    local log_file="$CACHE/logs/$suite-$variant.log"
+    local -a extra
+    mapfile -t extra < <(suite_qemu_args "$variant")
+    # shellcheck disable=SC2054 # commas separate QEMU sub-options, not array elements
+    local -a qemu=(
+        qemu-system-x86_64
+        -machine q35,kernel-irqchip=split -accel tcg -smp 1 -m 1G
+        -nographic -no-reboot -monitor none
+        -kernel "$KERNEL_IMAGE" -initrd "$INITRAMFS"
+        -append "console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pollux.suite=$suite pollux.variant=$variant"
+        "${extra[@]}"
+    )
+    log "$suite/$variant: booting (log: $log_file)"
+    printf '%q ' "${qemu[@]}" > "$log_file.cmd"
+    local start=$SECONDS rc=0
+    if [[ "$VERBOSE" == 1 ]]; then
+        timeout -k 10 "$TIMEOUT_S" "${qemu[@]}" < /dev/null 2>&1 | tee "$log_file" || rc=$?
+    else
+        timeout -k 10 "$TIMEOUT_S" "${qemu[@]}" < /dev/null > "$log_file" 2>&1 || rc=$?
+    fi
+    local elapsed=$((SECONDS - start))
+    local failure=""
+    if [[ "$rc" -eq 124 || "$rc" -eq 137 ]]; then
+        failure="guest killed after ${TIMEOUT_S}s (hung?)"
+    elif [[ "$rc" -ne 0 ]]; then
+        failure="qemu exited with status $rc"
+    elif grep -q "$DMA_FAULT_PATTERN" "$log_file"; then
+        failure="IOMMU DMA fault in the guest kernel log: $(grep -m1 "$DMA_FAULT_PATTERN" "$log_file" | tr -d '\r')"
+    elif ! tr -d '\r' < "$log_file" | grep -qx "$PASS_MARKER"; then
+        failure="no '$PASS_MARKER' from the guest: $(tr -d '\r' < "$log_file" | grep -m1 '^POLLUX-SUITE-RESULT:' || echo 'no result marker')"
+    fi
+    if [[ -n "$failure" ]]; then
+        log "$suite/$variant: FAIL after ${elapsed}s: $failure"
+        log "--- last 40 lines of $log_file ---"
+        tail -n 40 "$log_file" | tr -d '\r' >&2
+        return 1
+    fi
+    log "$suite/$variant: PASS in ${elapsed}s"
+}
+
+run_suite() {
+    local suite="$1"
+    [[ -f "$VM_DIR/$suite.conf" && -f "$VM_DIR/$suite.sh" ]] ||
+        die "unknown suite '$suite' (known: $(list_suites | tr '\n' ' '))"
+    SUITE_PACKAGES=() SUITE_BINS=() SUITE_MODULES=() SUITE_VARIANTS=()
+    unset -f suite_qemu_args
+    # shellcheck source=/dev/null
+    source "$VM_DIR/$suite.conf"
+    declare -F suite_qemu_args >/dev/null || die "$suite.conf defines no suite_qemu_args"
+    [[ "${#SUITE_VARIANTS[@]}" -gt 0 ]] || die "$suite.conf defines no SUITE_VARIANTS"
+
+    if [[ "${#SUITE_PACKAGES[@]}" -gt 0 ]]; then
+        local -a packages=()
+        local package
+        for package in "${SUITE_PACKAGES[@]}"; do packages+=(-p "$package"); done
+        log "$suite: cargo build --release ${packages[*]}"
+        (cd "$REPO" && cargo build --release --quiet "${packages[@]}")
+    fi
+    build_initramfs "$suite"
+
+    local variant failed=0
+    for variant in "${SUITE_VARIANTS[@]}"; do
+        run_variant "$suite" "$variant" || failed=1
+    done
+    return "$failed"
+}
+
+main() {
+    [[ $# -gt 0 ]] || die "usage: $0 <suite>... | all | --list"
+    if [[ "$1" == "--list" ]]; then
+        list_suites
+        return 0
+    fi
+    local -a suites=("$@")
+    if [[ "$1" == "all" ]]; then
+        mapfile -t suites < <(list_suites)
+    fi
+    local suite
+    for suite in "${suites[@]}"; do
+        [[ -f "$VM_DIR/$suite.conf" && -f "$VM_DIR/$suite.sh" ]] ||
+            die "unknown suite '$suite' (known: $(list_suites | tr '\n' ' '))"
+    done
+    ensure_host_tools
+    mkdir -p "$CACHE/logs" "$CACHE/initramfs"
+    ensure_kernel
+    log "guest kernel $KERNEL_VERSION"
+
+    local failed=()
+    local start=$SECONDS
+    for suite in "${suites[@]}"; do
+        run_suite "$suite" || failed+=("$suite")
+    done
+    if [[ "${#failed[@]}" -gt 0 ]]; then
+        log "FAILED suites: ${failed[*]} ($((SECONDS - start))s)"
+        return 1
+    fi
+    log "all suites passed: ${suites[*]} ($((SECONDS - start))s)"
+}
+
+main "$@"
