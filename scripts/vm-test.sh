@@ -182,8 +182,14 @@ vm_disk() {
 run_variant() {
     local suite="$1" variant="$2"
     local log_file="$CACHE/logs/$suite-$variant.log"
-    local -a extra
-    mapfile -t extra < <(suite_qemu_args "$variant")
+    local -a extra=()
+    local extra_text
+    # A failure in the suite's hook must fail the variant, so no process substitution here.
+    extra_text=$(suite_qemu_args "$variant") || {
+        echo "vm-test: $suite.conf: suite_qemu_args $variant failed" >&2
+        return 1
+    }
+    [[ -z $extra_text ]] || mapfile -t extra <<<"$extra_text"
     # shellcheck disable=SC2054 # commas separate QEMU sub-options, not array elements
     local -a qemu=(
         qemu-system-x86_64
