@@ -30,6 +30,10 @@ struct Args {
     /// Idle reactors sleep in epoll instead of spinning.
     #[arg(long)]
     interrupt_mode: bool,
+    /// Test hook: a poller that is never unregistered, so an orderly shutdown hangs until the
+    /// exit timeout and only a second signal ends the process.
+    #[arg(long, hide = true)]
+    stuck_shutdown: bool,
 }
 
 /// The workers and their hop counters. Each counter is written by its own worker only and
@@ -90,9 +94,15 @@ fn run(args: &Args) -> Result<(), String> {
     let (ring_tx, ring_rx) = std::sync::mpsc::channel::<Arc<Ring>>();
     let time_s = args.time_s;
     let tokens = args.tokens_per_worker;
+    let stuck_shutdown = args.stuck_shutdown;
     let started = Instant::now();
-    app.run(move |ctx| start(ctx, cpumask, tokens, time_s, ring_tx))
-        .map_err(|e| e.to_string())?;
+    app.run(move |ctx| {
+        if stuck_shutdown {
+            ctx.register_poller("stuck", 1000, |_ctx| PollStatus::Idle);
+        }
+        start(ctx, cpumask, tokens, time_s, ring_tx)
+    })
+    .map_err(|e| e.to_string())?;
     let elapsed_s = started.elapsed().as_secs_f64();
 
     let ring = ring_rx
@@ -162,6 +172,7 @@ fn start(
     });
     // The receiver outlives the app: it is dropped only after run() returns.
     let _ = ring_tx.send(ring.clone());
+    println!("ready: {} worker(s)", ring.workers.len());
 
     for (index, worker) in ring.workers.iter().enumerate() {
         // A device-like poller: finds nothing to do, says so.

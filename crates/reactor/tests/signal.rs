@@ -1,16 +1,12 @@
 //! SIGTERM handling. Its own test binary: signal actions are process-wide, so no other app may
-//! run in this process while a test raises a signal.
+//! run in this process while a test raises a signal. A second signal exits the process, so
+//! that case is tested on the demo app (`apps/reactor-demo/tests/signals.rs`).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use pollux_env::cpumask::CpuMask;
-use pollux_reactor::{App, AppConfig, PollStatus};
-
-const CHILD_ENV: &str = "POLLUX_REACTOR_SIGNAL_CHILD";
+use pollux_reactor::{App, AppConfig};
 
 fn cores() -> CpuMask {
     CpuMask::available().iter().take(2).collect()
@@ -55,87 +51,4 @@ fn a_signal_stops_the_app_without_losing_messages() {
             .expect("app ran");
         assert_eq!(executed.load(Ordering::SeqCst), COUNT, "signal {signal}");
     }
-}
-
-/// Child process body for the test below (ignored when run directly).
-#[test]
-#[ignore = "run as a child process by a_second_signal_forces_exit"]
-fn child_with_a_stuck_shutdown() {
-    if std::env::var_os(CHILD_ENV).is_none() {
-        return;
-    }
-    let config = AppConfig {
-        cpumask: cores(),
-        interrupt_mode: true,
-        handle_signals: true,
-        thread_exit_timeout: Duration::from_secs(60),
-        ..AppConfig::default()
-    };
-    let result = App::new(config).expect("config").run(|ctx| {
-        // Never unregistered: the app thread cannot exit, so the shutdown hangs.
-        ctx.register_poller("stuck", 1000, |_| PollStatus::Idle);
-        println!("ready");
-    });
-    println!("run returned: {result:?}");
-}
-
-#[test]
-fn a_second_signal_forces_exit() {
-    let exe = std::env::current_exe().expect("test binary path");
-    let mut child = Command::new(exe)
-        .args([
-            "--exact",
-            "child_with_a_stuck_shutdown",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn child");
-    let stdout = child.stdout.take().expect("piped");
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        let line = lines
-            .next()
-            .expect("child printed ready")
-            .expect("readable");
-        if line.contains("ready") {
-            break;
-        }
-    }
-    let kill = |pid: u32| {
-        let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-    };
-    kill(child.id());
-    // The first signal starts an orderly shutdown, which hangs on the stuck poller.
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        child.try_wait().expect("wait").is_none(),
-        "the child still waits for its stuck thread"
-    );
-    kill(child.id());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the second signal did not end the child"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    assert_eq!(status.code(), Some(128 + signal_hook::consts::SIGTERM));
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    assert!(
-        !rest.iter().any(|line| line.contains("run returned")),
-        "the child did not return from run: {rest:?}"
-    );
 }
