@@ -1,0 +1,305 @@
+//! `bdevperf`: SPDK's bdevperf for Pollux. One job per core of `-m` per bdev (or only `-T`),
+//! each keeping `-q` I/Os of `-o` bytes in flight for `-t` seconds, then a table of IOPS,
+//! MiB/s and latency (and `--json`). Without `-c` it runs on a 64 MiB malloc bdev, so it
+//! works on a fresh machine with no set-up.
+
+mod args;
+mod job;
+mod report;
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use clap::Parser;
+use crossbeam_utils::CachePadded;
+use pollux_bdev::config::{self, MethodTable};
+use pollux_bdev::modules::malloc;
+use pollux_bdev::BdevRegistry;
+use pollux_env::cpumask::CpuMask;
+use pollux_env::dma::{DmaConfig, DmaMemory};
+use pollux_reactor::{send_msg, App, AppConfig, PollStatus, PollerId, ThreadCtx};
+
+use crate::args::Args;
+use crate::job::{Job, JobSpec, RunShared};
+
+/// The default bdev when no `-c` is given.
+const DEFAULT_MALLOC_NAME: &str = "Malloc0";
+const DEFAULT_MALLOC_MIB: u64 = 64;
+const DEFAULT_MALLOC_BLOCK_SIZE_BYTES: u32 = 512;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(message) => {
+            eprintln!("bdevperf: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Bytes of malloc bdevs a config file asks for, and how many bdevs it creates (a rough
+/// pass to size the DMA reservation; the real load reports errors precisely).
+fn config_demand(path: &Path) -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return (0, 1);
+    };
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return (0, 1);
+    };
+    let mut malloc_bytes = 0u64;
+    let mut bdevs = 0u64;
+    let subsystems = value.get("subsystems").and_then(|s| s.as_array());
+    for entry in subsystems
+        .into_iter()
+        .flatten()
+        .filter(|s| s.get("subsystem").and_then(|n| n.as_str()) == Some("bdev"))
+        .filter_map(|s| s.get("config").and_then(|c| c.as_array()))
+        .flatten()
+    {
+        let method = entry.get("method").and_then(|m| m.as_str()).unwrap_or("");
+        if method.ends_with("_create") {
+            bdevs += 1;
+        }
+        if method == malloc::METHOD {
+            let param = |key: &str| {
+                entry
+                    .get("params")
+                    .and_then(|p| p.get(key))
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0)
+            };
+            malloc_bytes = malloc_bytes
+                .saturating_add(param("num_blocks").saturating_mul(param("block_size")));
+        }
+    }
+    (malloc_bytes, bdevs.max(1))
+}
+
+fn run(args: &Args) -> Result<bool, String> {
+    args.validate()?;
+    let cpumask = CpuMask::parse_available(&args.cpumask).map_err(|e| format!("-m: {e}"))?;
+    let (malloc_bytes, bdev_estimate) = match &args.config {
+        Some(path) => config_demand(path),
+        None => (DEFAULT_MALLOC_MIB << 20, 1),
+    };
+    let buffer_bytes = (cpumask.count() as u64)
+        .saturating_mul(bdev_estimate)
+        .saturating_mul(u64::from(args.queue_depth))
+        .saturating_mul(args.io_size_bytes)
+        .saturating_mul(2);
+    let mem_size_mib = match args.mem_size_mib {
+        Some(mib) => mib,
+        None => usize::try_from(
+            malloc_bytes
+                .saturating_add(buffer_bytes)
+                .div_ceil(1 << 20)
+                .saturating_add(16),
+        )
+        .map_err(|_| "the run needs more memory than this host can address".to_string())?,
+    };
+    let dma = DmaMemory::new(DmaConfig {
+        size_mib: mem_size_mib,
+        no_huge: args.no_huge,
+    })
+    .map_err(|e| format!("DMA memory ({mem_size_mib} MiB): {e}"))?;
+
+    let registry = BdevRegistry::new();
+    match &args.config {
+        Some(path) => {
+            config::load_file(path, &registry, &MethodTable::with_builtin(), Some(&dma))
+                .map_err(|e| error_chain(&e))?;
+        }
+        None => {
+            malloc::create(
+                &registry,
+                &dma,
+                malloc::MallocOptions::from_size_mib(
+                    Some(DEFAULT_MALLOC_NAME.to_string()),
+                    DEFAULT_MALLOC_MIB,
+                    DEFAULT_MALLOC_BLOCK_SIZE_BYTES,
+                ),
+            )
+            .map_err(|e| error_chain(&e))?;
+        }
+    }
+    let targets = match &args.target {
+        Some(target) => {
+            let info = registry.info(target).map_err(|_| {
+                format!(
+                    "-T {target}: no such bdev; bdevs: {}",
+                    registry.names().join(", ")
+                )
+            })?;
+            vec![info.name]
+        }
+        None => registry.names(),
+    };
+    if targets.is_empty() {
+        return Err("no bdev to run on: the configuration created none".to_string());
+    }
+
+    let mut specs = Vec::new();
+    for core in cpumask.iter() {
+        for bdev in &targets {
+            specs.push(JobSpec {
+                index: specs.len(),
+                bdev: bdev.clone(),
+                core,
+                workload: args.workload,
+                queue_depth: args.queue_depth,
+                io_size_bytes: args.io_size_bytes,
+                rw_mix_read_percent: args.rw_mix_read_percent.unwrap_or(0),
+                run_time: std::time::Duration::from_secs(args.time_s),
+                corrupt_lba: args.corrupt_lba,
+            });
+        }
+    }
+    let shared = Arc::new(RunShared {
+        registry: registry.clone(),
+        dma: dma.clone(),
+        results: Mutex::new(Vec::new()),
+        remaining: AtomicUsize::new(specs.len()),
+        stop: AtomicBool::new(false),
+        progress_ios: (0..specs.len())
+            .map(|_| CachePadded::new(AtomicU64::new(0)))
+            .collect(),
+    });
+
+    let app = App::new(AppConfig {
+        name: "bdevperf".to_string(),
+        cpumask,
+        ..AppConfig::default()
+    })
+    .map_err(|e| e.to_string())?;
+    println!("Running I/O for {} seconds...", args.time_s);
+    let start_shared = shared.clone();
+    let progress_s = args.progress_s;
+    let started = Arc::new(AtomicBool::new(true));
+    let start_ok = started.clone();
+    app.run(move |ctx| {
+        if let Err(message) = start(ctx, cpumask, specs, start_shared, progress_s) {
+            eprintln!("bdevperf: {message}");
+            start_ok.store(false, Ordering::Relaxed);
+            ctx.app_stop();
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    if !started.load(Ordering::Relaxed) {
+        return Ok(false);
+    }
+
+    let mut results =
+        std::mem::take(&mut *shared.results.lock().unwrap_or_else(|p| p.into_inner()));
+    results.sort_by_key(|r| r.spec.index);
+    report::print_table(&results);
+    if let Some(path) = &args.json {
+        let value = report::to_json(&results, cpumask.count());
+        let text = serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("--json {}: {e}", path.display()))?;
+    }
+    let mut ok = results.len() == shared.progress_ios.len();
+    for result in &results {
+        if let Some(error) = &result.error {
+            eprintln!("bdevperf: {error}");
+            ok = false;
+        }
+    }
+    Ok(ok)
+}
+
+/// An error and its sources on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// On the app thread: one thread per core, its jobs started there; progress printing.
+fn start(
+    ctx: &mut ThreadCtx,
+    cpumask: CpuMask,
+    specs: Vec<JobSpec>,
+    shared: Arc<RunShared>,
+    progress_s: Option<u64>,
+) -> Result<(), String> {
+    for core in cpumask.iter() {
+        let only_core: CpuMask = std::iter::once(core).collect();
+        let thread = ctx
+            .create_thread(&format!("bdevperf_c{core}"), Some(&only_core))
+            .map_err(|e| e.to_string())?;
+        let core_specs: Vec<JobSpec> = specs.iter().filter(|s| s.core == core).cloned().collect();
+        let job_shared = shared.clone();
+        send_msg(&thread, move |ctx| start_jobs(ctx, core_specs, job_shared))
+            .map_err(|_| format!("could not start the jobs of core {core}"))?;
+    }
+    let io_size_bytes = specs.first().map_or(0, |s| s.io_size_bytes);
+    if let Some(period_s) = progress_s {
+        let progress_shared = shared.clone();
+        let mut last_ios = 0u64;
+        let poller = ctx.register_poller("progress", period_s * 1_000_000, move |_ctx| {
+            let ios: u64 = progress_shared
+                .progress_ios
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .sum();
+            let iops = (ios - last_ios.min(ios)) as f64 / period_s as f64;
+            println!(
+                "{iops:>12.2} IOPS, {:>10.2} MiB/s",
+                iops * io_size_bytes as f64 / (1u64 << 20) as f64
+            );
+            last_ios = ios;
+            PollStatus::Busy
+        });
+        ctx.on_exit(move |ctx| ctx.unregister_poller(poller));
+    }
+    Ok(())
+}
+
+/// On a core's thread: builds and starts its jobs, each in its own poller.
+fn start_jobs(ctx: &mut ThreadCtx, specs: Vec<JobSpec>, shared: Arc<RunShared>) {
+    for spec in specs {
+        let mut job = match Job::new(spec.clone(), shared.clone(), ctx.now()) {
+            Ok(job) => job,
+            Err(error) => {
+                job::publish_setup_failure(ctx, &shared, spec, error);
+                continue;
+            }
+        };
+        job.start();
+        let own_id: Arc<OnceLock<PollerId>> = Arc::new(OnceLock::new());
+        let id_in_poller = own_id.clone();
+        let mut slot = Some(job);
+        let id = ctx.register_poller(&format!("job{}", spec.index), 0, move |ctx| {
+            let Some(job) = slot.as_mut() else {
+                return PollStatus::Idle;
+            };
+            let (status, finished) = job.poll(ctx);
+            if finished {
+                if let Some(job) = slot.take() {
+                    job.finish(ctx);
+                }
+                if let Some(id) = id_in_poller.get() {
+                    ctx.unregister_poller(*id);
+                }
+            }
+            status
+        });
+        let _ = own_id.set(id);
+    }
+}

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Pollux's aio and uring bdevs next to fio's libaio and io_uring engines, on the same file:
+# 4 KiB random reads, queue depth 128, one job pinned to core 0, O_DIRECT where the file
+# system allows it. Prints IOPS per engine and the ratio Pollux / fio.
+#
+# Usage: benches/compare-aio.sh
+# Environment (defaults in brackets):
+#   FILE        the backing file [/dev/shm/pollux-compare-aio.img], created if absent or
+#               of another size, filled with zeroes so that every page exists
+#   SIZE_MIB    its size [1024]
+#   RUNTIME_S   seconds per run [10]
+#   QUEUE_DEPTH [128]
+#   BDEVPERF    the bdevperf binary [built once with cargo build --release]
+#   KEEP_FILE   1 keeps the file afterwards [0]
+#
+# Needs fio, jq and a kernel with io_uring. Writes nothing outside FILE and a temp folder.
+
+set -euo pipefail
+
+FILE=${FILE:-/dev/shm/pollux-compare-aio.img}
+SIZE_MIB=${SIZE_MIB:-1024}
+RUNTIME_S=${RUNTIME_S:-10}
+QUEUE_DEPTH=${QUEUE_DEPTH:-128}
+IO_SIZE_BYTES=4096
+KEEP_FILE=${KEEP_FILE:-0}
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=$(mktemp -d)
+
+cleanup() {
+    rm -rf "$WORK"
+    if [[ "$KEEP_FILE" != 1 ]]; then
+        rm -f "$FILE"
+    fi
+}
+trap cleanup EXIT
+
+die() {
+    echo "compare-aio: $*" >&2
+    exit 1
+}
+
+for tool in fio jq; do
+    command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+
+if [[ -z "${BDEVPERF:-}" ]]; then
+    echo "building bdevperf (release, once)..." >&2
+    (cd "$ROOT" && cargo build --release -p pollux-bdevperf --quiet) ||
+        die "cargo build --release -p pollux-bdevperf failed"
+    BDEVPERF="${CARGO_TARGET_DIR:-$ROOT/target}/release/bdevperf"
+fi
+[[ -x "$BDEVPERF" ]] || die "no bdevperf binary at $BDEVPERF"
+
+size_bytes=$((SIZE_MIB * 1024 * 1024))
+if [[ ! -f "$FILE" ]] || [[ $(stat -c %s "$FILE") -ne $size_bytes ]]; then
+    echo "writing $SIZE_MIB MiB to $FILE..." >&2
+    dd if=/dev/zero of="$FILE" bs=1M count="$SIZE_MIB" status=none ||
+        die "cannot write $FILE"
+fi
+
+# O_DIRECT where the file system allows it (tmpfs does since Linux 6.6).
+direct=0
+if dd if="$FILE" of=/dev/null bs="$IO_SIZE_BYTES" count=1 iflag=direct status=none 2>/dev/null; then
+    direct=1
+fi
+
+# DMA memory for bdevperf: hugepages when the host has free ones.
+huge_args=()
+if [[ $(awk '/^HugePages_Free/ {print $2}' /proc/meminfo) == 0 ]]; then
+    huge_args=(--no-huge)
+fi
+
+# fio_iops ENGINE: IOPS of one fio run.
+fio_iops() {
+    local engine=$1 out="$WORK/fio-$1.json"
+    fio --name="randread-$engine" --filename="$FILE" --ioengine="$engine" \
+        --rw=randread --bs="$IO_SIZE_BYTES" --iodepth="$QUEUE_DEPTH" --direct="$direct" \
+        --numjobs=1 --time_based --runtime="$RUNTIME_S" --cpus_allowed=0 \
+        --norandommap --randrepeat=0 --output-format=json --output="$out" >/dev/null ||
+        die "fio --ioengine=$engine failed (see $out)"
+    jq '.jobs[0].read.iops' "$out"
+}
+
+# pollux_iops METHOD NAME: IOPS of one bdevperf run on a bdev made by METHOD.
+pollux_iops() {
+    local method=$1 name=$2 config="$WORK/$2.json" out="$WORK/bdevperf-$2.json"
+    jq -n --arg method "$method" --arg name "$name" --arg file "$FILE" \
+        --argjson block "$IO_SIZE_BYTES" \
+        '{subsystems: [{subsystem: "bdev", config: [
+            {method: $method, params: {name: $name, filename: $file, block_size: $block}}]}]}' \
+        >"$config"
+    "$BDEVPERF" -c "$config" -q "$QUEUE_DEPTH" -o "$IO_SIZE_BYTES" -w randread \
+        -t "$RUNTIME_S" -m 0x1 "${huge_args[@]}" --json "$out" >"$WORK/bdevperf-$name.log" 2>&1 ||
+        die "bdevperf on $method failed: $(tail -n 5 "$WORK/bdevperf-$name.log")"
+    jq '.total.iops' "$out"
+}
+
+ratio() {
+    awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'
+}
+
+echo "running: fio libaio, Pollux aio, fio io_uring, Pollux uring (${RUNTIME_S} s each)..." >&2
+fio_libaio=$(fio_iops libaio)
+pollux_aio=$(pollux_iops bdev_aio_create Aio0)
+fio_uring=$(fio_iops io_uring)
+pollux_uring=$(pollux_iops bdev_uring_create Uring0)
+
+cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
+echo
+echo "randread ${IO_SIZE_BYTES} B, queue depth $QUEUE_DEPTH, 1 job on core 0, direct=$direct, ${RUNTIME_S} s"
+echo "file: $FILE (${SIZE_MIB} MiB); CPU: $cpu; kernel $(uname -r)"
+printf '%-10s %14s %14s %12s\n' engine "fio IOPS" "Pollux IOPS" "Pollux/fio"
+printf '%-10s %14.0f %14.0f %12s\n' aio "$fio_libaio" "$pollux_aio" "$(ratio "$pollux_aio" "$fio_libaio")"
+printf '%-10s %14.0f %14.0f %12s\n' io_uring "$fio_uring" "$pollux_uring" "$(ratio "$pollux_uring" "$fio_uring")"

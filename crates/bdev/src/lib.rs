@@ -1,0 +1,32 @@
+//! Pollux block device layer, after SPDK's `lib/bdev`:
+//!
+//! - [`BdevRegistry`]: modules register and unregister bdevs (name, aliases, UUID, block
+//!   size and count, required buffer alignment, supported I/O types, write cache); a removed
+//!   bdev tells every open descriptor ([`BdevEvent::Remove`]).
+//! - [`BdevDesc`]: an open bdev, read-only or read-write, with an exclusive write claim
+//!   ([`BdevDesc::claim`]).
+//! - [`BdevChannel`]: one thread's I/O queue to a bdev: read / write with iovec lists, flush,
+//!   unmap, write zeroes, reset; a fixed pool of request slots; completions handed to the
+//!   submitter from [`BdevChannel::poll`]; per-channel [`IoStats`].
+//! - [`module`]: the interface a backend implements; [`modules`]: malloc and null.
+//! - [`config`]: SPDK's JSON configuration (`bdev_malloc_create`, `bdev_null_create`, ...).
+//!
+//! `unsafe` in the layer itself: only the TSC read in `clock`. Modules that move data (malloc)
+//! copy from and to caller memory described by [`IoVec`]s, whose construction is `unsafe`:
+//! the caller promises the memory stays valid and untouched until the I/O completes.
+
+mod bdev;
+mod channel;
+pub mod clock;
+pub mod config;
+mod error;
+pub mod module;
+pub mod modules;
+pub mod stats;
+mod types;
+
+pub use bdev::{BdevDesc, BdevEvent, BdevRegistry, EventCallback, EventTarget, MAX_QUEUE_DEPTH};
+pub use channel::{BdevChannel, IoCompletion, MAX_COMPLETIONS_PER_POLL};
+pub use error::BdevError;
+pub use stats::{IoStats, LatencyHistogram, LatencySummaryUs, TypeStats};
+pub use types::{BdevInfo, BdevSpec, IoStatus, IoType, IoVec, Uuid, UuidParseError};
