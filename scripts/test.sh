@@ -12,20 +12,8 @@ cd "$repo"
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# Build dependencies: hwloc for topology (through hwlocality), pkg-config to find it.
-# The QEMU packages are installed by scripts/vm-test.sh, which needs them.
-need_packages=()
-for package in libhwloc-dev libudev-dev pkg-config shellcheck; do
-    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||
-        need_packages+=("$package")
-done
-if ((${#need_packages[@]})); then
-    step "installing ${need_packages[*]}"
-    sudo_cmd=()
-    [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
-    "${sudo_cmd[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${need_packages[@]}"
-fi
+step "build and test dependencies"
+scripts/install-deps.sh --test
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -34,7 +22,7 @@ step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "shellcheck"
-shellcheck scripts/*.sh scripts/vm/*.sh tests/setup/*.sh .ci/run
+shellcheck scripts/*.sh scripts/vm/*.sh tests/setup/*.sh benches/*.sh .ci/run
 shellcheck --shell=bash scripts/vm/*.conf
 
 step "scripts/setup.sh decisions on fake sysfs trees"
