@@ -76,7 +76,8 @@ impl MethodTable {
         }
     }
 
-    /// `bdev_malloc_create`, `bdev_null_create`, and the ignored `bdev_set_options` and
+    /// Every module that ships with Pollux: `bdev_malloc_create`, `bdev_null_create`,
+    /// `bdev_aio_create` and `bdev_uring_create`; and the ignored `bdev_set_options` and
     /// `bdev_wait_for_examine`.
     pub fn with_builtin() -> Self {
         let mut table = Self::empty();
@@ -170,6 +171,7 @@ impl<'a> Params<'a> {
             method: self.method.to_string(),
             param: key,
             reason: reason.to_string(),
+            source: None,
         }
     }
 

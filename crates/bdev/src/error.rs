@@ -4,6 +4,11 @@
 
 use std::path::PathBuf;
 
+/// A module's own error, kept whole as the `#[source]` of the variant that carries it across
+/// into the bdev layer: its text is in the chain, and callers that know the module can
+/// `downcast_ref` it back (`FileBdevError` for aio and uring).
+pub type ModuleError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BdevError {
     #[error("bdev name {name:?} is already used by bdev {existing:?}")]
@@ -48,11 +53,12 @@ pub enum BdevError {
     },
     #[error("bdev channel full: all {queue_depth} request slots are in flight; poll for completions and retry")]
     QueueFull { queue_depth: u32 },
-    #[error("module {module:?} could not create a channel for bdev {bdev:?}: {reason}")]
+    #[error("module {module:?} could not create a channel for bdev {bdev:?}")]
     ChannelCreate {
         module: &'static str,
         bdev: String,
-        reason: String,
+        #[source]
+        source: ModuleError,
     },
     #[error("malloc bdev {name:?}: could not allocate {len_bytes} bytes of DMA memory")]
     MallocAlloc {
@@ -99,11 +105,15 @@ pub enum BdevError {
     },
     #[error("{method}: unknown parameter {param:?}")]
     UnknownParam { method: String, param: String },
+    /// A parameter refused: by its parser (`source: None`, `reason` says why) or by the
+    /// module when it creates the bdev (`source`: the module's error).
     #[error("{method}: parameter {param:?} {reason}")]
     InvalidParam {
         method: String,
         param: &'static str,
         reason: String,
+        #[source]
+        source: Option<ModuleError>,
     },
     #[error("{method}: bdev name {name:?} is already taken{where_}")]
     DuplicateName {

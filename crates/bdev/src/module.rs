@@ -1,4 +1,4 @@
-//! The module interface: what a backend (malloc, null, later aio and io_uring) implements.
+//! The module interface: what a backend (malloc, null, aio, uring, ...) implements.
 //! Kept small on purpose (STYLE #9, SPDK's `spdk_bdev_fn_table`):
 //!
 //! - [`BdevBackend`], one per bdev, shared by every channel: [`supports`](BdevBackend::supports),

@@ -559,6 +559,30 @@ fn config_errors_name_method_param_and_path() {
         text.contains(tiny.0.to_str().expect("utf-8 path")),
         "{text}"
     );
+    // The module's error crosses into the bdev layer whole, not as text.
+    let error = load(&bdev_config(&entry), &registry).expect_err("tiny");
+    let BdevError::Create { source, .. } = &error else {
+        panic!("unexpected {error:?}");
+    };
+    let BdevError::InvalidParam {
+        param: "block_size",
+        source: Some(module_error),
+        ..
+    } = source.as_ref()
+    else {
+        panic!("unexpected {source:?}");
+    };
+    assert!(
+        matches!(
+            module_error.downcast_ref::<aio::FileBdevError>(),
+            Some(aio::FileBdevError::TooSmall {
+                size_bytes: 100,
+                block_size_bytes: 512,
+                ..
+            })
+        ),
+        "{module_error:?}"
+    );
 }
 
 /// The error and its sources on one line.

@@ -103,7 +103,7 @@ impl pollux_bdev::module::BdevBackend for NullLike {
         Err(BdevError::ChannelCreate {
             module: "test",
             bdev: "Disk".into(),
-            reason: "no channels in this test".into(),
+            source: "no channels in this test".into(),
         })
     }
     fn write_config(&self, _info: &pollux_bdev::BdevInfo) -> serde_json::Value {

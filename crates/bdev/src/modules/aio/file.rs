@@ -103,29 +103,19 @@ impl FileBdevError {
     }
 
     /// As the bdev layer's error for configuration method `method`: registration errors pass
-    /// through, the others become [`BdevError::InvalidParam`] with the whole error chain.
+    /// through, the others become [`BdevError::InvalidParam`] naming the parameter, with this
+    /// error (path, errno) kept whole as its source.
     pub fn into_bdev_error(self, method: &str) -> BdevError {
         match self {
             FileBdevError::Bdev(error) => error,
             other => BdevError::InvalidParam {
                 method: method.to_string(),
                 param: other.param(),
-                reason: error_chain(&other),
+                reason: "was refused when the bdev was created".to_string(),
+                source: Some(Box::new(other)),
             },
         }
     }
-}
-
-/// `error: source: source ...` on one line (the errno is in the innermost `io::Error`).
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 /// One scatter-gather entry in the kernel's layout (`struct iovec`). Addresses are kept as

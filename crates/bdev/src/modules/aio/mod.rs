@@ -99,7 +99,7 @@ impl BdevBackend for AioBackend {
             AioContext::new(u32::from(queue_depth)).map_err(|source| BdevError::ChannelCreate {
                 module: "aio",
                 bdev: self.name.clone(),
-                reason: file::error_chain(&FileBdevError::AioSetup {
+                source: Box::new(FileBdevError::AioSetup {
                     path: self.file.path.clone(),
                     events: u32::from(queue_depth),
                     source,
