@@ -1,0 +1,879 @@
+//! One submission / completion queue pair (NVMe Base 2.0, 3.3.1 and 4.1), owned by one thread.
+//!
+//! - **Rings** in DMA memory, page aligned, read and written with env's volatile copy
+//!   accessors. The CQ is zeroed when (re)created, so the first pass posts phase 1.
+//! - **Request pool**: `depth` fixed slots, the command id *is* the slot index, so a
+//!   completion finds its request in O(1) and nothing is allocated per I/O (STYLE #5). Each
+//!   slot owns `list_pages` preallocated PRP / SGL list pages.
+//! - **Software queue**: when the SQ is full (it holds `entries - 1` commands) a request
+//!   waits, already built, in a FIFO of slot ids sized to `depth` up front: it never grows and
+//!   never fails (STYLE #7).
+//! - **Doorbells**: submits only write entries; [`QueuePair::process_completions`] rings the
+//!   SQ tail doorbell once for everything submitted since the last call, reaps up to `max`
+//!   completions and rings the CQ head doorbell once for the batch (STYLE #13).
+//! - **Validation**: every CQE is checked before it is trusted: command id in range and
+//!   outstanding, SQ id, SQ head inside the submitted range (4.6.1). A broken entry is consumed
+//!   and reported as [`NvmeError::BadCompletion`]; the controller is asked to reset.
+//! - **Timeouts**: checked from idle polls, rate limited; a command outstanding longer than
+//!   the timeout is reported to the controller for an Abort; if it is still outstanding one
+//!   timeout later the controller is asked to reset.
+//! - **Reset / failure**: the controller bumps a generation (after disabling the device, so
+//!   no more DMA can land) or marks itself failed; the next poll completes every outstanding
+//!   and queued request with *Command Aborted due to SQ Deletion* (DNR clear after a reset,
+//!   set when the controller failed or was removed) and the pair is disconnected until
+//!   [`Controller::reconnect_io_qpair`](crate::Controller::reconnect_io_qpair). Requests are
+//!   failed back to the caller, not resubmitted: the caller (the bdev layer) decides.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pollux_env::dma::{DmaBuffer, DmaMemory};
+
+use crate::ctrlr::Namespace;
+use crate::error::NvmeError;
+use crate::prp::{self, IoVec, ListArea};
+use crate::regs::Registers;
+use crate::spec::{self, opc, Command, Completion, Psdt, Status, CQE_BYTES, SQE_BYTES};
+
+/// A busy queue pair checks timeouts once per this many polls.
+const TIMEOUT_CHECK_POLLS: u32 = 256;
+
+pub(crate) const STATE_RUNNING: u8 = 0;
+pub(crate) const STATE_RESETTING: u8 = 1;
+pub(crate) const STATE_FAILED: u8 = 2;
+
+/// State the controller shares with its queue pairs (which live on other threads).
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// Bumped by every reset, after the controller was disabled.
+    pub generation: AtomicU64,
+    pub state: AtomicU8,
+    /// Set by a queue pair that saw a broken completion or a command that ignored its abort.
+    pub needs_reset: AtomicBool,
+    /// (qid, cid) of timed-out commands for which the controller should send an Abort.
+    pub abort_requests: Mutex<Vec<(u16, u16)>>,
+    /// Rings of queue pairs dropped without being freed: deleted on the controller, then dropped.
+    pub orphans: Mutex<Vec<Rings>>,
+    pub page_size_bytes: u64,
+    pub doorbell_stride_bytes: u64,
+}
+
+impl Shared {
+    pub fn lock_aborts(&self) -> std::sync::MutexGuard<'_, Vec<(u16, u16)>> {
+        self.abort_requests
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn lock_orphans(&self) -> std::sync::MutexGuard<'_, Vec<Rings>> {
+        self.orphans
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The DMA memory of one queue pair.
+#[derive(Debug)]
+pub(crate) struct Rings {
+    pub qid: u16,
+    pub sq: DmaBuffer,
+    pub cq: DmaBuffer,
+    pub lists: DmaBuffer,
+}
+
+/// How to build a queue pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePairOptions {
+    /// Ring entries (the SQ holds `entries - 1` commands). Clamped to CAP.MQES + 1.
+    pub entries: u16,
+    /// Request slots (commands in flight or waiting in the software queue). At most 65535.
+    pub depth: u16,
+    /// PRP / SGL list pages per request: one page covers 2 MiB of PRP entries (4 KiB pages).
+    pub list_pages: u16,
+    /// Per-command timeout (abort after one, reset after two); `None` disables it.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for QueuePairOptions {
+    fn default() -> Self {
+        Self {
+            entries: 256,
+            depth: 256,
+            list_pages: 1,
+            timeout: Some(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// Counters of one queue pair.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct QpairStats {
+    pub submitted: u64,
+    pub completed: u64,
+    /// Requests that waited in the software queue because the SQ was full.
+    pub queued_sq_full: u64,
+    pub sq_doorbells: u64,
+    pub cq_doorbells: u64,
+    pub prp_lists: u64,
+    pub sgls: u64,
+    /// Always 0: bounce buffers are not implemented (see [`crate::prp`]).
+    pub bounced: u64,
+    pub bad_completions: u64,
+    pub timeouts: u64,
+    /// Requests failed back by a reset or a failed controller.
+    pub failed_by_reset: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// Built, waiting in the software queue for room in the SQ.
+    Queued,
+    /// In the SQ: the controller may be working on it.
+    Outstanding,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    tag: u64,
+    state: SlotState,
+    command: Command,
+    /// When a timeout check first saw this command outstanding.
+    seen_at: Option<Instant>,
+    abort_requested: bool,
+    /// Exempt from timeouts (the admin queue's Asynchronous Event Request).
+    no_timeout: bool,
+}
+
+const EMPTY_SLOT: Slot = Slot {
+    tag: 0,
+    state: SlotState::Free,
+    command: Command {
+        opcode: 0,
+        fuse: 0,
+        psdt: Psdt::Prp,
+        cid: 0,
+        nsid: 0,
+        cdw2: 0,
+        cdw3: 0,
+        mptr: 0,
+        dptr: [0; 2],
+        cdw10: 0,
+        cdw11: 0,
+        cdw12: 0,
+        cdw13: 0,
+        cdw14: 0,
+        cdw15: 0,
+    },
+    seen_at: None,
+    abort_requested: false,
+    no_timeout: false,
+};
+
+/// The status a request gets when its queue pair is torn down under it.
+fn teardown_status(failed: bool) -> Status {
+    Status::generic(spec::sc::ABORTED_SQ_DELETION).with_dnr(failed)
+}
+
+/// One thread's submission / completion queue pair. See the module documentation.
+pub struct QueuePair<R: Registers> {
+    regs: Arc<R>,
+    shared: Arc<Shared>,
+    dma: Arc<DmaMemory>,
+    qid: u16,
+    /// The controller generation this pair's queues were created in.
+    generation: u64,
+    disconnected: bool,
+    /// `None` only while being dropped or after being freed.
+    rings: Option<Rings>,
+    sq_iova: u64,
+    cq_iova: u64,
+    lists_iova: u64,
+    entries: u16,
+    sq_tail: u16,
+    /// Oldest SQ entry the controller may not have fetched yet (from CQE.sq_head).
+    sq_head: u16,
+    cq_head: u16,
+    phase: bool,
+    /// Entries written since the last SQ doorbell.
+    sq_unrung: bool,
+    sq_doorbell: u64,
+    cq_doorbell: u64,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    waiting: VecDeque<u16>,
+    list_pages: usize,
+    sgl_supported: bool,
+    timeout: Option<Duration>,
+    last_timeout_check: Option<Instant>,
+    outstanding: u16,
+    polls: u32,
+    stats: QpairStats,
+}
+
+impl<R: Registers> std::fmt::Debug for QueuePair<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueuePair")
+            .field("qid", &self.qid)
+            .field("entries", &self.entries)
+            .field("depth", &self.slots.len())
+            .field("outstanding", &self.outstanding)
+            .field("waiting", &self.waiting.len())
+            .field("disconnected", &self.disconnected)
+            .finish()
+    }
+}
+
+impl<R: Registers> QueuePair<R> {
+    /// Allocates the rings and the request pool. The queues are not created on the device.
+    pub(crate) fn new(
+        regs: Arc<R>,
+        shared: Arc<Shared>,
+        dma: Arc<DmaMemory>,
+        qid: u16,
+        options: &QueuePairOptions,
+        sgl_supported: bool,
+    ) -> Result<Self, NvmeError> {
+        if options.entries < 2 || options.depth == 0 || options.depth == u16::MAX {
+            return Err(NvmeError::InvalidRequest {
+                reason: "queue pair needs at least 2 entries and 1..65535 request slots",
+            });
+        }
+        let page = shared.page_size_bytes as usize;
+        let entries = usize::from(options.entries);
+        let sq = dma
+            .alloc(entries * SQE_BYTES, page, None)
+            .map_err(NvmeError::dma("submission queue"))?;
+        let cq = dma
+            .alloc(entries * CQE_BYTES, page, None)
+            .map_err(NvmeError::dma("completion queue"))?;
+        let list_pages = usize::from(options.list_pages.max(1));
+        let lists = dma
+            .alloc(usize::from(options.depth) * list_pages * page, page, None)
+            .map_err(NvmeError::dma("PRP lists"))?;
+        let stride = shared.doorbell_stride_bytes;
+        let generation = shared.generation.load(Ordering::Acquire);
+        let mut qpair = Self {
+            regs,
+            shared,
+            dma,
+            qid,
+            generation,
+            disconnected: false,
+            rings: Some(Rings { qid, sq, cq, lists }),
+            sq_iova: 0,
+            cq_iova: 0,
+            lists_iova: 0,
+            entries: options.entries,
+            sq_tail: 0,
+            sq_head: 0,
+            cq_head: 0,
+            phase: true,
+            sq_unrung: false,
+            sq_doorbell: spec::sq_tail_doorbell(qid, stride),
+            cq_doorbell: spec::cq_head_doorbell(qid, stride),
+            slots: vec![EMPTY_SLOT; usize::from(options.depth)],
+            free: (0..options.depth).rev().collect(),
+            waiting: VecDeque::with_capacity(usize::from(options.depth)),
+            list_pages,
+            sgl_supported,
+            timeout: options.timeout,
+            last_timeout_check: None,
+            outstanding: 0,
+            polls: 0,
+            stats: QpairStats::default(),
+        };
+        qpair.reset_rings()?;
+        Ok(qpair)
+    }
+
+    /// Zeroes the CQ, rewinds every index and refreshes the IOVAs (a mapper may have been
+    /// attached since). Only when no request is outstanding.
+    pub(crate) fn reset_rings(&mut self) -> Result<(), NvmeError> {
+        let rings = self
+            .rings
+            .as_mut()
+            .ok_or(NvmeError::Disconnected { qid: self.qid })?;
+        let cq_len = rings.cq.len();
+        rings
+            .cq
+            .fill(0, cq_len, 0)
+            .map_err(NvmeError::dma("completion queue"))?;
+        self.sq_iova = rings
+            .sq
+            .iova()
+            .map_err(NvmeError::dma("submission queue"))?;
+        self.cq_iova = rings
+            .cq
+            .iova()
+            .map_err(NvmeError::dma("completion queue"))?;
+        self.lists_iova = rings.lists.iova().map_err(NvmeError::dma("PRP lists"))?;
+        self.sq_tail = 0;
+        self.sq_head = 0;
+        self.cq_head = 0;
+        self.phase = true;
+        self.sq_unrung = false;
+        self.generation = self.shared.generation.load(Ordering::Acquire);
+        self.disconnected = false;
+        self.last_timeout_check = None;
+        Ok(())
+    }
+
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+
+    pub fn depth(&self) -> u16 {
+        self.slots.len() as u16
+    }
+
+    pub(crate) fn sq_iova(&self) -> u64 {
+        self.sq_iova
+    }
+
+    pub(crate) fn cq_iova(&self) -> u64 {
+        self.cq_iova
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Requests submitted and not yet handed back (in the SQ or waiting for room).
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    pub fn is_disconnected(&self) -> bool {
+        self.disconnected
+    }
+
+    pub fn stats(&self) -> QpairStats {
+        self.stats
+    }
+
+    /// Reads `nblocks` blocks at `lba` of `ns` into `iovs`; the completion comes back with `tag`.
+    pub fn submit_read(
+        &mut self,
+        ns: &Namespace,
+        tag: u64,
+        lba: u64,
+        nblocks: u32,
+        iovs: &[IoVec],
+    ) -> Result<(), NvmeError> {
+        self.submit_rw(opc::READ, ns, tag, lba, nblocks, iovs)
+    }
+
+    /// Writes `nblocks` blocks at `lba` of `ns` from `iovs`.
+    pub fn submit_write(
+        &mut self,
+        ns: &Namespace,
+        tag: u64,
+        lba: u64,
+        nblocks: u32,
+        iovs: &[IoVec],
+    ) -> Result<(), NvmeError> {
+        self.submit_rw(opc::WRITE, ns, tag, lba, nblocks, iovs)
+    }
+
+    pub fn submit_flush(&mut self, ns: &Namespace, tag: u64) -> Result<(), NvmeError> {
+        let mut command = Command::new(opc::FLUSH);
+        command.nsid = ns.nsid();
+        self.submit_command(tag, command, &[], 0)
+    }
+
+    /// Write Zeroes over `nblocks` (at most 65536) blocks at `lba`.
+    pub fn submit_write_zeroes(
+        &mut self,
+        ns: &Namespace,
+        tag: u64,
+        lba: u64,
+        nblocks: u32,
+    ) -> Result<(), NvmeError> {
+        let mut command = lba_command(opc::WRITE_ZEROES, ns, lba, nblocks)?;
+        command.nsid = ns.nsid();
+        self.submit_command(tag, command, &[], 0)
+    }
+
+    /// Dataset Management, deallocate (trim) `nblocks` at `lba` (one range).
+    pub fn submit_deallocate(
+        &mut self,
+        ns: &Namespace,
+        tag: u64,
+        lba: u64,
+        nblocks: u32,
+    ) -> Result<(), NvmeError> {
+        check_range(ns, lba, u64::from(nblocks))?;
+        let mut command = Command::new(opc::DATASET_MANAGEMENT);
+        command.nsid = ns.nsid();
+        command.cdw10 = 0; // one range (0's based)
+        command.cdw11 = 1 << 2; // AD: deallocate
+        let mut range = [0u8; 16];
+        range[4..8].copy_from_slice(&nblocks.to_le_bytes());
+        range[8..16].copy_from_slice(&lba.to_le_bytes());
+        self.submit_with_inline_data(tag, command, &range)
+    }
+
+    /// Any command (passthrough): the driver fills in the command id and the data pointer
+    /// (from `iovs`, `len_bytes` in all; none when empty).
+    pub fn submit_raw(
+        &mut self,
+        tag: u64,
+        command: Command,
+        iovs: &[IoVec],
+        len_bytes: u64,
+    ) -> Result<(), NvmeError> {
+        self.submit_command(tag, command, iovs, len_bytes)
+    }
+
+    fn submit_rw(
+        &mut self,
+        opcode: u8,
+        ns: &Namespace,
+        tag: u64,
+        lba: u64,
+        nblocks: u32,
+        iovs: &[IoVec],
+    ) -> Result<(), NvmeError> {
+        let command = lba_command(opcode, ns, lba, nblocks)?;
+        let len_bytes = u64::from(nblocks) * u64::from(ns.block_size_bytes());
+        if len_bytes > ns.max_transfer_bytes() {
+            return Err(NvmeError::InvalidRequest {
+                reason: "transfer larger than the controller's MDTS",
+            });
+        }
+        self.submit_command(tag, command, iovs, len_bytes)
+    }
+
+    fn check_usable(&mut self) -> Result<(), NvmeError> {
+        if self.disconnected
+            || self.shared.generation.load(Ordering::Acquire) != self.generation
+            || self.shared.state.load(Ordering::Acquire) == STATE_FAILED
+        {
+            return Err(NvmeError::Disconnected { qid: self.qid });
+        }
+        Ok(())
+    }
+
+    fn take_slot(&mut self) -> Result<u16, NvmeError> {
+        self.free.pop().ok_or(NvmeError::NoFreeSlot {
+            qid: self.qid,
+            depth: self.slots.len() as u16,
+        })
+    }
+
+    fn submit_command(
+        &mut self,
+        tag: u64,
+        mut command: Command,
+        iovs: &[IoVec],
+        len_bytes: u64,
+    ) -> Result<(), NvmeError> {
+        self.check_usable()?;
+        let cid = self.take_slot()?;
+        if !iovs.is_empty() || len_bytes != 0 {
+            match self.build_data_pointer(cid, iovs, len_bytes) {
+                Ok(pointer) => {
+                    command.psdt = if pointer.is_sgl() {
+                        Psdt::SglMptrAddress
+                    } else {
+                        Psdt::Prp
+                    };
+                    command.dptr = pointer.dptr();
+                }
+                Err(error) => {
+                    self.free.push(cid);
+                    return Err(error);
+                }
+            }
+        }
+        self.enqueue(cid, tag, command, false)
+    }
+
+    /// A command whose small payload (DSM ranges) is copied into the slot's list page.
+    fn submit_with_inline_data(
+        &mut self,
+        tag: u64,
+        mut command: Command,
+        data: &[u8],
+    ) -> Result<(), NvmeError> {
+        self.check_usable()?;
+        let cid = self.take_slot()?;
+        let page = self.shared.page_size_bytes as usize;
+        let offset = usize::from(cid) * self.list_pages * page;
+        let written = match self.rings.as_mut() {
+            Some(rings) => rings
+                .lists
+                .write_at(offset, data)
+                .map_err(NvmeError::dma("inline data")),
+            None => Err(NvmeError::Disconnected { qid: self.qid }),
+        };
+        if let Err(error) = written {
+            self.free.push(cid);
+            return Err(error);
+        }
+        command.dptr = [self.lists_iova + offset as u64, 0];
+        self.enqueue(cid, tag, command, false)
+    }
+
+    fn build_data_pointer(
+        &mut self,
+        cid: u16,
+        iovs: &[IoVec],
+        len_bytes: u64,
+    ) -> Result<prp::DataPointer, NvmeError> {
+        let page = self.shared.page_size_bytes;
+        let offset = usize::from(cid) * self.list_pages * page as usize;
+        let rings = self
+            .rings
+            .as_mut()
+            .ok_or(NvmeError::Disconnected { qid: self.qid })?;
+        let mut area = ListArea {
+            buffer: &mut rings.lists,
+            offset,
+            iova: self.lists_iova + offset as u64,
+            pages: self.list_pages,
+            page_size_bytes: page,
+        };
+        let pointer = prp::build(
+            self.dma.memmap(),
+            iovs,
+            len_bytes,
+            self.sgl_supported,
+            &mut area,
+        )?;
+        match pointer {
+            prp::DataPointer::Sgl(_) => self.stats.sgls += 1,
+            prp::DataPointer::Prp { prp2, .. } if prp2 == area.iova => self.stats.prp_lists += 1,
+            prp::DataPointer::Prp { .. } => {}
+        }
+        Ok(pointer)
+    }
+
+    /// Puts a built command in the SQ, or in the software queue when the SQ is full.
+    pub(crate) fn enqueue(
+        &mut self,
+        cid: u16,
+        tag: u64,
+        mut command: Command,
+        no_timeout: bool,
+    ) -> Result<(), NvmeError> {
+        command.cid = cid;
+        let slot = &mut self.slots[usize::from(cid)];
+        slot.tag = tag;
+        slot.command = command;
+        slot.seen_at = None;
+        slot.abort_requested = false;
+        slot.no_timeout = no_timeout;
+        self.stats.submitted += 1;
+        if self.waiting.is_empty() && self.sq_has_room() {
+            self.write_sqe(cid)
+        } else {
+            self.slots[usize::from(cid)].state = SlotState::Queued;
+            self.stats.queued_sq_full += 1;
+            // Capacity is `depth` and every queued id is a distinct slot: never grows.
+            self.waiting.push_back(cid);
+            Ok(())
+        }
+    }
+
+    /// Takes a free slot for an internal (admin) command.
+    pub(crate) fn alloc_cid(&mut self) -> Result<u16, NvmeError> {
+        self.check_usable()?;
+        self.take_slot()
+    }
+
+    fn sq_has_room(&self) -> bool {
+        (self.sq_tail + 1) % self.entries != self.sq_head
+    }
+
+    fn write_sqe(&mut self, cid: u16) -> Result<(), NvmeError> {
+        let bytes = self.slots[usize::from(cid)].command.encode();
+        let rings = self
+            .rings
+            .as_mut()
+            .ok_or(NvmeError::Disconnected { qid: self.qid })?;
+        rings
+            .sq
+            .write_at(usize::from(self.sq_tail) * SQE_BYTES, &bytes)
+            .map_err(NvmeError::dma("submission queue"))?;
+        self.slots[usize::from(cid)].state = SlotState::Outstanding;
+        self.outstanding += 1;
+        self.sq_tail = (self.sq_tail + 1) % self.entries;
+        self.sq_unrung = true;
+        Ok(())
+    }
+
+    /// Rings the SQ tail doorbell if entries were written since the last ring. The release
+    /// fence orders the entries' stores before the doorbell's MMIO store.
+    pub fn flush(&mut self) -> Result<(), NvmeError> {
+        if self.sq_unrung {
+            std::sync::atomic::fence(Ordering::Release);
+            self.sq_unrung = false;
+            self.stats.sq_doorbells += 1;
+            self.regs
+                .write32(self.sq_doorbell, u32::from(self.sq_tail))?;
+        }
+        Ok(())
+    }
+
+    /// Rings the SQ doorbell, reaps up to `max` completions (one CQ doorbell for the batch),
+    /// moves waiting requests into the freed SQ room, and checks timeouts when idle. Each
+    /// completion is handed to `on_complete(tag, completion)`. Returns how many were handed back.
+    ///
+    /// After a reset or a controller failure this hands every request back with *Command
+    /// Aborted due to SQ Deletion* and the pair becomes disconnected.
+    pub fn process_completions<F>(&mut self, max: u32, mut on_complete: F) -> Result<u32, NvmeError>
+    where
+        F: FnMut(u64, &Completion),
+    {
+        if self.disconnected {
+            return Err(NvmeError::Disconnected { qid: self.qid });
+        }
+        let state = self.shared.state.load(Ordering::Acquire);
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        if generation != self.generation || state == STATE_FAILED {
+            return Ok(self.fail_all(state == STATE_FAILED, &mut on_complete));
+        }
+        self.flush()?;
+        let mut reaped = 0u32;
+        let mut result = Ok(());
+        while reaped < max {
+            let mut raw = [0u8; CQE_BYTES];
+            let rings = self
+                .rings
+                .as_ref()
+                .ok_or(NvmeError::Disconnected { qid: self.qid })?;
+            rings
+                .cq
+                .read_at(usize::from(self.cq_head) * CQE_BYTES, &mut raw)
+                .map_err(NvmeError::dma("completion queue"))?;
+            // Cheap early exit on the phase bit (DW3 bit 16) before decoding.
+            if (raw[14] & 1 != 0) != self.phase {
+                break;
+            }
+            // Read the rest of the entry (and the data it announces) only after the phase.
+            std::sync::atomic::fence(Ordering::Acquire);
+            let completion = Completion::decode(&raw);
+            self.advance_cq_head();
+            if let Err(error) = self.validate(&completion) {
+                self.stats.bad_completions += 1;
+                self.shared.needs_reset.store(true, Ordering::Release);
+                tracing::error!(%error, "nvme: broken completion entry");
+                result = Err(error);
+                break;
+            }
+            self.sq_head = completion.sq_head;
+            let cid = usize::from(completion.cid);
+            let tag = self.slots[cid].tag;
+            self.slots[cid].state = SlotState::Free;
+            self.outstanding -= 1;
+            self.free.push(completion.cid);
+            self.stats.completed += 1;
+            reaped += 1;
+            on_complete(tag, &completion);
+        }
+        if reaped > 0 || result.is_err() {
+            self.stats.cq_doorbells += 1;
+            self.regs
+                .write32(self.cq_doorbell, u32::from(self.cq_head))?;
+        }
+        result?;
+        if !self.waiting.is_empty() {
+            while self.sq_has_room() {
+                let Some(cid) = self.waiting.pop_front() else {
+                    break;
+                };
+                self.write_sqe(cid)?;
+            }
+            self.flush()?;
+        }
+        // Idle polls check timeouts (rate limited inside); busy ones every 256th poll, so a
+        // stuck command is found even while others keep completing.
+        self.polls = self.polls.wrapping_add(1);
+        if self.outstanding > 0 && (reaped == 0 || self.polls.is_multiple_of(TIMEOUT_CHECK_POLLS)) {
+            self.check_timeouts();
+        }
+        Ok(reaped)
+    }
+
+    fn advance_cq_head(&mut self) {
+        self.cq_head += 1;
+        if self.cq_head == self.entries {
+            self.cq_head = 0;
+            self.phase = !self.phase;
+        }
+    }
+
+    /// Checks one completion entry against what was submitted (4.6.1).
+    fn validate(&self, completion: &Completion) -> Result<(), NvmeError> {
+        let bad = |reason| NvmeError::BadCompletion {
+            qid: self.qid,
+            cid: completion.cid,
+            sq_head: completion.sq_head,
+            sq_id: completion.sq_id,
+            reason,
+        };
+        match self.slots.get(usize::from(completion.cid)) {
+            None => return Err(bad("command id out of range")),
+            Some(slot) if slot.state != SlotState::Outstanding => {
+                return Err(bad("command id not outstanding"))
+            }
+            Some(_) => {}
+        }
+        if completion.sq_id != self.qid {
+            return Err(bad("completion names another submission queue"));
+        }
+        if completion.sq_head >= self.entries {
+            return Err(bad("sq_head beyond the queue"));
+        }
+        // The new head lies between the old head and the tail (inclusive), modulo the ring.
+        let n = u32::from(self.entries);
+        let moved = (u32::from(completion.sq_head) + n - u32::from(self.sq_head)) % n;
+        let submitted = (u32::from(self.sq_tail) + n - u32::from(self.sq_head)) % n;
+        if moved > submitted {
+            return Err(bad("sq_head outside the submitted range"));
+        }
+        Ok(())
+    }
+
+    /// Hands every request back with a teardown status; the pair is then disconnected.
+    fn fail_all<F>(&mut self, controller_failed: bool, on_complete: &mut F) -> u32
+    where
+        F: FnMut(u64, &Completion),
+    {
+        self.disconnected = true;
+        let status = teardown_status(controller_failed);
+        let mut failed = 0u32;
+        self.waiting.clear();
+        for cid in 0..self.slots.len() {
+            if self.slots[cid].state == SlotState::Free {
+                continue;
+            }
+            self.slots[cid].state = SlotState::Free;
+            self.free.push(cid as u16);
+            failed += 1;
+            let completion = Completion {
+                dw0: 0,
+                dw1: 0,
+                sq_head: self.sq_head,
+                sq_id: self.qid,
+                cid: cid as u16,
+                phase: self.phase,
+                status,
+            };
+            on_complete(self.slots[cid].tag, &completion);
+        }
+        self.outstanding = 0;
+        self.stats.failed_by_reset += u64::from(failed);
+        if failed > 0 {
+            tracing::warn!(
+                qid = self.qid,
+                failed,
+                %status,
+                "nvme: requests failed back by controller reset or failure"
+            );
+        }
+        failed
+    }
+
+    /// Drops every request without a callback (the admin queue's internal commands).
+    pub(crate) fn discard_all(&mut self) {
+        let mut noop = |_: u64, _: &Completion| {};
+        self.fail_all(false, &mut noop);
+    }
+
+    /// Rate-limited scan for commands outstanding longer than the timeout.
+    fn check_timeouts(&mut self) {
+        let Some(timeout) = self.timeout else {
+            return;
+        };
+        let now = Instant::now();
+        let interval = (timeout / 4).max(Duration::from_millis(1));
+        if self
+            .last_timeout_check
+            .is_some_and(|last| now.duration_since(last) < interval)
+        {
+            return;
+        }
+        self.last_timeout_check = Some(now);
+        for slot in self.slots.iter_mut() {
+            if slot.state != SlotState::Outstanding || slot.no_timeout {
+                continue;
+            }
+            let Some(seen_at) = slot.seen_at else {
+                slot.seen_at = Some(now);
+                continue;
+            };
+            if now.duration_since(seen_at) < timeout {
+                continue;
+            }
+            self.stats.timeouts += 1;
+            if slot.abort_requested {
+                tracing::error!(
+                    qid = self.qid,
+                    cid = slot.command.cid,
+                    "nvme: command still outstanding after its abort, asking for a reset"
+                );
+                self.shared.needs_reset.store(true, Ordering::Release);
+            } else {
+                tracing::warn!(
+                    qid = self.qid,
+                    cid = slot.command.cid,
+                    opcode = slot.command.opcode,
+                    "nvme: command timed out, asking for an abort"
+                );
+                slot.abort_requested = true;
+                slot.seen_at = Some(now);
+                self.shared.lock_aborts().push((self.qid, slot.command.cid));
+            }
+        }
+    }
+
+    pub(crate) fn take_rings(&mut self) -> Option<Rings> {
+        self.rings.take()
+    }
+}
+
+impl<R: Registers> Drop for QueuePair<R> {
+    fn drop(&mut self) {
+        // The controller may still write this pair's CQ and read its SQ: hand the rings to it
+        // to delete the queues before the memory is reused. The admin pair (qid 0) is
+        // dropped by its controller after disabling it.
+        if self.qid != 0 {
+            if let Some(rings) = self.rings.take() {
+                self.shared.lock_orphans().push(rings);
+            }
+        }
+    }
+}
+
+fn check_range(ns: &Namespace, lba: u64, nblocks: u64) -> Result<(), NvmeError> {
+    if nblocks == 0 || nblocks > 65536 {
+        return Err(NvmeError::InvalidRequest {
+            reason: "block count must be 1..=65536",
+        });
+    }
+    match lba.checked_add(nblocks) {
+        Some(end) if end <= ns.num_blocks() => Ok(()),
+        _ => Err(NvmeError::InvalidRequest {
+            reason: "block range outside the namespace",
+        }),
+    }
+}
+
+fn lba_command(opcode: u8, ns: &Namespace, lba: u64, nblocks: u32) -> Result<Command, NvmeError> {
+    check_range(ns, lba, u64::from(nblocks))?;
+    let mut command = Command::new(opcode);
+    command.nsid = ns.nsid();
+    command.cdw10 = lba as u32;
+    command.cdw11 = (lba >> 32) as u32;
+    command.cdw12 = nblocks - 1; // NLB is 0's based
+    Ok(command)
+}
