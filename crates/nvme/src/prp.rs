@@ -157,6 +157,11 @@ pub fn build(
             reason: "iovec lengths do not add up to the transfer length",
         });
     }
+    if let [iov] = iovs {
+        if let Some(pointer) = single_iovec_prp(memmap, iov, area.page_size_bytes) {
+            return Ok(pointer);
+        }
+    }
     match build_prp(memmap, iovs, area)? {
         Ok(pointer) => Ok(pointer),
         Err(PrpBreak::Rule(reason)) if sgl_supported => {
@@ -164,6 +169,35 @@ pub fn build(
             build_sgl(memmap, iovs, area)
         }
         Err(PrpBreak::Rule(reason)) => Err(NvmeError::NotPrpCompatible { reason }),
+    }
+}
+
+/// The common case on the I/O path: one iovec, contiguous in IOVA space, dword aligned and
+/// touching at most two pages, needs one translation and no list page (PRP1, and PRP2 for the
+/// second page). Anything else (or a translation error, reported by the general path) is
+/// `None` and goes through [`build_prp`].
+#[inline]
+fn single_iovec_prp(memmap: &MemMap, iov: &IoVec, page_size_bytes: u64) -> Option<DataPointer> {
+    let len = iov.len_bytes as u64;
+    let translation = memmap.translate(iov.addr, len).ok()?;
+    if translation.len != len || translation.iova & 3 != 0 {
+        return None;
+    }
+    let first_page_end =
+        (translation.iova & !(page_size_bytes - 1)).checked_add(page_size_bytes)?;
+    let end = translation.iova.checked_add(len)?;
+    if end <= first_page_end {
+        Some(DataPointer::Prp {
+            prp1: translation.iova,
+            prp2: 0,
+        })
+    } else if end - first_page_end <= page_size_bytes {
+        Some(DataPointer::Prp {
+            prp1: translation.iova,
+            prp2: first_page_end,
+        })
+    } else {
+        None
     }
 }
 

@@ -292,10 +292,9 @@ impl<R: Registers> QueuePair<R> {
     /// Zeroes the CQ, rewinds every index and refreshes the IOVAs (a mapper may have been
     /// attached since). Only when no request is outstanding.
     pub(crate) fn reset_rings(&mut self) -> Result<(), NvmeError> {
-        let rings = self
-            .rings
-            .as_mut()
-            .ok_or(NvmeError::Disconnected { qid: self.qid })?;
+        let Some(rings) = self.rings.as_mut() else {
+            return Err(NvmeError::Disconnected { qid: self.qid });
+        };
         let cq_len = rings.cq.len();
         rings
             .cq
@@ -462,10 +461,14 @@ impl<R: Registers> QueuePair<R> {
     }
 
     fn take_slot(&mut self) -> Result<u16, NvmeError> {
-        self.free.pop().ok_or(NvmeError::NoFreeSlot {
-            qid: self.qid,
-            depth: self.slots.len() as u16,
-        })
+        // let-else, not ok_or: the error is built only when it is returned (no drop glue per I/O).
+        let Some(cid) = self.free.pop() else {
+            return Err(NvmeError::NoFreeSlot {
+                qid: self.qid,
+                depth: self.slots.len() as u16,
+            });
+        };
+        Ok(cid)
     }
 
     fn submit_command(
@@ -530,10 +533,9 @@ impl<R: Registers> QueuePair<R> {
     ) -> Result<prp::DataPointer, NvmeError> {
         let page = self.shared.page_size_bytes;
         let offset = usize::from(cid) * self.list_pages * page as usize;
-        let rings = self
-            .rings
-            .as_mut()
-            .ok_or(NvmeError::Disconnected { qid: self.qid })?;
+        let Some(rings) = self.rings.as_mut() else {
+            return Err(NvmeError::Disconnected { qid: self.qid });
+        };
         let mut area = ListArea {
             buffer: &mut rings.lists,
             offset,
@@ -595,10 +597,9 @@ impl<R: Registers> QueuePair<R> {
 
     fn write_sqe(&mut self, cid: u16) -> Result<(), NvmeError> {
         let bytes = self.slots[usize::from(cid)].command.encode();
-        let rings = self
-            .rings
-            .as_mut()
-            .ok_or(NvmeError::Disconnected { qid: self.qid })?;
+        let Some(rings) = self.rings.as_mut() else {
+            return Err(NvmeError::Disconnected { qid: self.qid });
+        };
         rings
             .sq
             .write_at(usize::from(self.sq_tail) * SQE_BYTES, &bytes)
@@ -646,10 +647,9 @@ impl<R: Registers> QueuePair<R> {
         let mut result = Ok(());
         while reaped < max {
             let mut raw = [0u8; CQE_BYTES];
-            let rings = self
-                .rings
-                .as_ref()
-                .ok_or(NvmeError::Disconnected { qid: self.qid })?;
+            let Some(rings) = self.rings.as_ref() else {
+                return Err(NvmeError::Disconnected { qid: self.qid });
+            };
             rings
                 .cq
                 .read_at(usize::from(self.cq_head) * CQE_BYTES, &mut raw)
