@@ -13,7 +13,10 @@
 #                            SUITE_MODULES (kernel modules, with dependencies, for the guest),
 #                            SUITE_VARIANTS (one boot each), and suite_qemu_args VARIANT, which
 #                            prints the suite's extra QEMU arguments one per line. The .conf may
-#                            use $REPO, $CACHE and `vm_disk NAME MiB` (a cached raw disk image).
+#                            use $REPO, $CACHE, $TARGET_DIR and `vm_disk NAME MiB` (a cached raw
+#                            disk image). Optionally suite_host_check VARIANT: run on the host
+#                            after the guest passed and QEMU exited (e.g. to check disk images);
+#                            a non-zero status fails the variant.
 # Each variant boots once; it passes when the guest prints `POLLUX-SUITE-RESULT: PASS`, exits
 # in time, and its kernel log shows no IOMMU DMA fault (`DMAR: [DMA`).
 #
@@ -217,6 +220,11 @@ run_variant() {
         failure="IOMMU DMA fault in the guest kernel log: $(grep -m1 "$DMA_FAULT_PATTERN" "$log_file" | tr -d '\r')"
     elif ! tr -d '\r' < "$log_file" | grep -qx "$PASS_MARKER"; then
         failure="no '$PASS_MARKER' from the guest: $(tr -d '\r' < "$log_file" | grep -m1 '^POLLUX-SUITE-RESULT:' || echo 'no result marker')"
+    elif declare -F suite_host_check >/dev/null; then
+        local check_rc=0
+        suite_host_check "$variant" >> "$log_file" 2>&1 || check_rc=$?
+        [[ "$check_rc" -eq 0 ]] ||
+            failure="host check after the guest powered off failed (status $check_rc): $(tail -n 1 "$log_file")"
     fi
     if [[ -n "$failure" ]]; then
         log "$suite/$variant: FAIL after ${elapsed}s: $failure"
@@ -232,7 +240,7 @@ run_suite() {
     [[ -f "$VM_DIR/$suite.conf" && -f "$VM_DIR/$suite.sh" ]] ||
         die "unknown suite '$suite' (known: $(list_suites | tr '\n' ' '))"
     SUITE_PACKAGES=() SUITE_BINS=() SUITE_MODULES=() SUITE_VARIANTS=()
-    unset -f suite_qemu_args
+    unset -f suite_qemu_args suite_host_check
     # shellcheck source=/dev/null
     source "$VM_DIR/$suite.conf"
     declare -F suite_qemu_args >/dev/null || die "$suite.conf defines no suite_qemu_args"

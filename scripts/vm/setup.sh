@@ -1,8 +1,9 @@
 # shellcheck shell=sh
 # Setup suite, guest side: scripts/setup.sh on two NVMe controllers, one holding a mounted file
 # system. config binds the free one and skips the mounted one with the reason; status shows both;
-# pollux-vfio-probe opens the bound one through VFIO; a second config changes nothing; reset gives
-# it back to nvme (its /dev/nvme*n1 reappears) and releases the hugepages.
+# nvme-identify initialises and identifies the bound one through VFIO and pollux-nvme; a second
+# config changes nothing; reset gives it back to nvme (its /dev/nvme*n1 reappears) and releases
+# the hugepages.
 # $1: variant (two-ctrls).
 set -eu
 # shellcheck source=scripts/vm/lib.sh
@@ -116,13 +117,15 @@ expect_line "^$free  *1b36:0010  *[-0-9]  *vfio-pci  *-  *no$" "status"
 expect_line "^$busy  *1b36:0010  *[-0-9]  *nvme  *$busy_ns  *yes: $busy_ns mounted on $tools" "status"
 expect_line "^node0  *2048kB  *32 " "status"
 
-step "pollux-vfio-probe $free"
+step "nvme-identify $free"
 rc=0
-RUST_LOG=info pollux-vfio-probe "$free" --expect-serial POLLUXSETUP1 > /tmp/probe.out 2>&1 || rc=$?
-cat /tmp/probe.out
-[ "$rc" -eq 0 ] || fail "pollux-vfio-probe exited with status $rc"
-grep -q '^IDENTIFY: .*serial "POLLUXSETUP1"' /tmp/probe.out || fail "probe did not report the serial"
-grep -q '^PROBE: OK$' /tmp/probe.out || fail "probe did not report PROBE: OK"
+nvme-identify "$free" > /tmp/identify.out 2>&1 || rc=$?
+cat /tmp/identify.out
+[ "$rc" -eq 0 ] || fail "nvme-identify exited with status $rc"
+grep -q "^NVMe Controller at $free \[1b36:0010\]$" /tmp/identify.out || fail "nvme-identify did not name $free"
+grep -q '^Serial Number: *POLLUXSETUP1$' /tmp/identify.out || fail "nvme-identify did not report the serial"
+grep -q '^Namespace ID:1$' /tmp/identify.out || fail "nvme-identify did not report namespace 1"
+grep -q '^Size (in LBAs): *131072 (64MiB)$' /tmp/identify.out || fail "nvme-identify did not report the 64 MiB namespace"
 
 step "setup.sh config again changes nothing"
 before="$(snapshot)"
@@ -153,4 +156,4 @@ setup status || fail "setup.sh status exited with status $rc"
 expect_line "^$free  *1b36:0010  *[-0-9]  *nvme  *$free_ns  *no$" "status after reset"
 
 umount "$tools"
-echo "setup: $free bound, probed and given back; $busy (mounted) never touched"
+echo "setup: $free bound, identified and given back; $busy (mounted) never touched"
