@@ -182,8 +182,9 @@ impl Job {
             // SAFETY: `index * io_size + io_size` is within the `qd * io_size * buffer_sets`
             // bytes of `buffers`; each index is one slot's region, used by one I/O at a time.
             // The job owns `buffers` and drops its channel first, after every I/O completed
-            // (or, on a forced exit, with nothing left to touch them but the null or malloc
-            // module, which completed them synchronously).
+            // (or, on a forced exit, with nothing left to touch them: null and malloc
+            // complete synchronously, aio / uring and nvme channels cancel or wait for their
+            // I/O when dropped; nvme deletes its queue pair, so the device DMAs no more).
             unsafe { IoVec::new(base.add(index * io_size), io_size) }
         };
         let write_iovs: Vec<IoVec> = (0..qd).map(iov).collect();

@@ -2,6 +2,11 @@
 //! each keeping `-q` I/Os of `-o` bytes in flight for `-t` seconds, then a table of IOPS,
 //! MiB/s and latency (and `--json`). Without `-c` it runs on a 64 MiB malloc bdev, so it
 //! works on a fresh machine with no set-up.
+//!
+//! NVMe: `bdev_nvme_attach_controller` (SPDK's method, PCIe only) attaches a controller bound
+//! to `vfio-pci` and creates one bdev per namespace (`Nvme0n1`, ...); its admin queue is
+//! polled every [`NVME_ADMIN_POLL_US`] on the app thread while the jobs run, and the
+//! controllers are detached (shut down) when the run ends.
 
 mod args;
 mod job;
@@ -19,6 +24,7 @@ use pollux_bdev::modules::malloc;
 use pollux_bdev::BdevRegistry;
 use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
+use pollux_nvme::bdev::NvmeModule;
 use pollux_reactor::{send_msg, App, AppConfig, PollStatus, PollerId, ThreadCtx};
 
 use crate::args::Args;
@@ -28,6 +34,11 @@ use crate::job::{Job, JobSpec, RunShared};
 const DEFAULT_MALLOC_NAME: &str = "Malloc0";
 const DEFAULT_MALLOC_MIB: u64 = 64;
 const DEFAULT_MALLOC_BLOCK_SIZE_BYTES: u32 = 512;
+/// Period of the NVMe admin poller (health, async events, timeouts, resets).
+const NVME_ADMIN_POLL_US: u64 = 10_000;
+/// DMA memory an attached NVMe controller takes for itself (admin queue, identify buffer,
+/// headroom for its I/O queue pairs, which are sized by `-q`).
+const NVME_CONTROLLER_BYTES: u64 = 4 << 20;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -70,6 +81,11 @@ fn config_demand(path: &Path) -> (u64, u64) {
         let method = entry.get("method").and_then(|m| m.as_str()).unwrap_or("");
         if method.ends_with("_create") {
             bdevs += 1;
+        }
+        if method == pollux_nvme::bdev::ATTACH_METHOD {
+            // At least one bdev (namespace); its queues come out of the same memory.
+            bdevs += 1;
+            malloc_bytes = malloc_bytes.saturating_add(NVME_CONTROLLER_BYTES);
         }
         if method == malloc::METHOD {
             let param = |key: &str| {
@@ -117,8 +133,9 @@ fn run(args: &Args) -> Result<bool, String> {
     let registry = BdevRegistry::new();
     match &args.config {
         Some(path) => {
-            config::load_file(path, &registry, &MethodTable::with_builtin(), Some(&dma))
-                .map_err(|e| error_chain(&e))?;
+            let mut table = MethodTable::with_builtin();
+            pollux_nvme::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
+            config::load_file(path, &registry, &table, Some(&dma)).map_err(|e| error_chain(&e))?;
         }
         None => {
             malloc::create(
@@ -187,14 +204,19 @@ fn run(args: &Args) -> Result<bool, String> {
     let progress_s = args.progress_s;
     let started = Arc::new(AtomicBool::new(true));
     let start_ok = started.clone();
-    app.run(move |ctx| {
-        if let Err(message) = start(ctx, cpumask, specs, start_shared, progress_s) {
-            eprintln!("bdevperf: {message}");
-            start_ok.store(false, Ordering::Relaxed);
-            ctx.app_stop();
-        }
-    })
-    .map_err(|e| e.to_string())?;
+    let app_result = app
+        .run(move |ctx| {
+            if let Err(message) = start(ctx, cpumask, specs, start_shared, progress_s) {
+                eprintln!("bdevperf: {message}");
+                start_ok.store(false, Ordering::Relaxed);
+                ctx.app_stop();
+            }
+        })
+        .map_err(|e| e.to_string());
+    // The jobs have dropped their channels (deleting their queue pairs): shut the NVMe
+    // controllers down before the DMA memory goes away with this function.
+    NvmeModule::global().detach_all(&registry);
+    app_result?;
     if !started.load(Ordering::Relaxed) {
         return Ok(false);
     }
@@ -247,6 +269,16 @@ fn start(
         let job_shared = shared.clone();
         send_msg(&thread, move |ctx| start_jobs(ctx, core_specs, job_shared))
             .map_err(|_| format!("could not start the jobs of core {core}"))?;
+    }
+    if !NvmeModule::global().controller_names().is_empty() {
+        let admin = ctx.register_poller("nvme_admin", NVME_ADMIN_POLL_US, |_ctx| {
+            if NvmeModule::global().poll_admin() > 0 {
+                PollStatus::Busy
+            } else {
+                PollStatus::Idle
+            }
+        });
+        ctx.on_exit(move |ctx| ctx.unregister_poller(admin));
     }
     let io_size_bytes = specs.first().map_or(0, |s| s.io_size_bytes);
     if let Some(period_s) = progress_s {

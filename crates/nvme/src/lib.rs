@@ -14,13 +14,21 @@
 //! - `model` (feature `model`): a software NVMe controller that executes the rings from the
 //!   same DMA memory, with fault injection, for fast tests without a device.
 //!
-//! The crate has no `unsafe` outside the test-only model: MMIO goes through
-//! [`Registers`], DMA memory through env's bounds-checked volatile copy accessors.
+//! - [`bdev`]: the bdev module `nvme` (`bdev_nvme_attach_controller`), one bdev per
+//!   namespace, one queue pair per bdev channel; [`PcieRegisters`]: a VFIO device and its
+//!   BAR 0, owned together.
+//!
+//! MMIO goes through [`Registers`], DMA memory through env's bounds-checked volatile copy
+//! accessors. `unsafe` outside the test-only model: two places, each with its `SAFETY`
+//! note: [`PcieRegisters::open`] erases the BAR's borrow of the device it owns, and the
+//! bdev channel turns a bdev iovec into a driver iovec (the same caller contract).
 
+pub mod bdev;
 mod ctrlr;
 mod error;
 #[cfg(feature = "model")]
 pub mod model;
+mod pcie;
 pub mod prp;
 mod qpair;
 mod regs;
@@ -28,6 +36,7 @@ pub mod spec;
 
 pub use ctrlr::{Controller, ControllerOptions, ControllerState, Namespace};
 pub use error::NvmeError;
+pub use pcie::PcieRegisters;
 pub use prp::{DataPointer, IoVec};
 pub use qpair::{QpairStats, QueuePair, QueuePairOptions};
 pub use regs::Registers;
