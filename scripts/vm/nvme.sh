@@ -1,6 +1,7 @@
 # shellcheck shell=sh
 # NVMe suite, guest side: bind the controller to vfio-pci, identify it with nvme-identify, then
-# run nvme-vmtest (pollux-nvme I/O tests, final pattern checked by the host afterwards).
+# run bdevperf verify on the nvme bdevs, then nvme-vmtest (pollux-nvme I/O tests, final pattern
+# checked by the host afterwards).
 # $1: variant (aw48: hugepages for nvme-vmtest; aw39: locked anonymous memory). See nvme.conf.
 set -eu
 # shellcheck source=scripts/vm/lib.sh
@@ -74,6 +75,21 @@ expect_line "^Serial Number: *$serial$" /tmp/identify-r.out "identify -r"
 if [ "$variant" = aw48 ]; then
     echo 32 > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages
 fi
+
+step "bdevperf -w verify on the nvme bdevs (bdev_nvme_attach_controller $bdf)"
+cat > /tmp/nvme.json <<EOF
+{"subsystems":[{"subsystem":"bdev","config":[{"method":"bdev_nvme_attach_controller",
+  "params":{"name":"Nvme0","trtype":"PCIe","traddr":"$bdf"}}]}]}
+EOF
+rc=0
+bdevperf -c /tmp/nvme.json -q 32 -o 4096 -w verify -t 3 --json /tmp/bdevperf.json \
+    > /tmp/bdevperf.out 2>&1 || rc=$?
+cat /tmp/bdevperf.out
+[ "$rc" -eq 0 ] || fail "bdevperf verify exited with status $rc"
+expect_line "Job: Nvme0n1 " /tmp/bdevperf.out bdevperf
+expect_line "Job: Nvme0n2 " /tmp/bdevperf.out bdevperf
+[ "$(grep -c '"io_failed": 0,' /tmp/bdevperf.json)" -eq 3 ] ||
+    fail "bdevperf: failed I/O in $(cat /tmp/bdevperf.json)"
 
 step "nvme-vmtest run $bdf"
 rc=0

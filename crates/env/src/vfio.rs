@@ -27,6 +27,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vfio_bindings::bindings::vfio as uapi;
@@ -342,6 +343,10 @@ struct DmaState {
 pub struct VfioContainer {
     inner: Arc<vfio_ioctls::VfioContainer>,
     dma: Mutex<DmaState>,
+    /// Devices attached and not yet dropped. When the last one goes, its group leaves the
+    /// container and the kernel drops every DMA mapping with the IOMMU domain, so a later
+    /// unmap has nothing left to undo (see [`Self::unmap`]).
+    devices: AtomicUsize,
 }
 
 /// The process-wide container [`VfioPciDevice::open`] attaches devices to.
@@ -366,6 +371,7 @@ impl VfioContainer {
                 iommu: None,
                 mappings: BTreeMap::new(),
             }),
+            devices: AtomicUsize::new(0),
         }))
     }
 
@@ -525,11 +531,20 @@ impl VfioContainer {
             )
         };
         if rc != 0 {
-            return Err(VfioError::DmaUnmap {
-                iova,
-                len,
-                source: io::Error::last_os_error(),
-            });
+            let source = io::Error::last_os_error();
+            if self.devices.load(Ordering::Acquire) == 0 {
+                // The last device's group left the container, and the kernel unmapped
+                // everything with the IOMMU domain: the mapping is already gone.
+                state.mappings.remove(&iova);
+                tracing::debug!(
+                    iova = format_args!("{iova:#x}"),
+                    len = format_args!("{len:#x}"),
+                    %source,
+                    "DMA unmap after the last device left: already unmapped by the kernel"
+                );
+                return Ok(mapping);
+            }
+            return Err(VfioError::DmaUnmap { iova, len, source });
         }
         if request.size != len {
             return Err(VfioError::DmaUnmap {
@@ -805,6 +820,13 @@ pub struct VfioPciDevice {
     group: u32,
 }
 
+impl Drop for VfioPciDevice {
+    fn drop(&mut self) {
+        // The fields (and with them the group's place in the container) go right after this.
+        self.container.devices.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl VfioPciDevice {
     /// Opens `address` in the process-wide container ([`VfioContainer::shared`]).
     pub fn open(address: &PciAddress) -> Result<Self, VfioError> {
@@ -871,6 +893,7 @@ impl VfioPciDevice {
                 .map_err(|source| VfioError::DeviceFd { address, source })?,
         );
         container.load_iommu_info()?;
+        container.devices.fetch_add(1, Ordering::AcqRel);
         tracing::info!(%address, group, "VFIO device open");
         Ok(Self {
             config,
