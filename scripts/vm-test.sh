@@ -2,8 +2,8 @@
 # Runs Pollux test suites inside QEMU guests (TCG, no KVM or host VFIO needed).
 #
 #   scripts/vm-test.sh <suite>...   run the named suites (see --list)
-#   scripts/vm-test.sh all          run every suite
-#   scripts/vm-test.sh --list       list the suites
+#   scripts/vm-test.sh all          run every test suite (benchmark suites are left out)
+#   scripts/vm-test.sh --list       list the test suites (benchmark suites are left out)
 #
 # A suite is two files:
 #   scripts/vm/<suite>.sh    the guest script, run by the initramfs /init as
@@ -17,6 +17,11 @@
 #                            disk image). Optionally suite_host_check VARIANT: run on the host
 #                            after the guest passed and QEMU exited (e.g. to check disk images);
 #                            a non-zero status fails the variant.
+#                            Optionally SUITE_HOST_BINS: host executables (absolute paths, e.g.
+#                            /usr/bin/fio) to put in the guest's /bin with their shared libraries.
+#                            Optionally SUITE_BENCHMARK=1: the suite measures rather than tests;
+#                            `all` and `--list` leave it out (with a note on stderr), since CI
+#                            time is limited: run it by name.
 # Each variant boots once; it passes when the guest prints `POLLUX-SUITE-RESULT: PASS`, exits
 # in time, and its kernel log shows no IOMMU DMA fault (`DMAR: [DMA`).
 #
@@ -46,6 +51,28 @@ list_suites() {
         [[ -e "$conf" ]] || continue
         basename "$conf" .conf
     done
+}
+
+# Succeeds when suite $1's .conf sets SUITE_BENCHMARK=1 (sourced in a subshell).
+is_benchmark_suite() {
+    (
+        SUITE_BENCHMARK=0
+        # shellcheck source=/dev/null
+        source "$VM_DIR/$1.conf"
+        [[ "$SUITE_BENCHMARK" == 1 ]]
+    )
+}
+
+# Prints the test suites (benchmark suites left out, each with a note on stderr).
+list_test_suites() {
+    local suite
+    while read -r suite; do
+        if is_benchmark_suite "$suite"; then
+            log "$suite: benchmark suite (SUITE_BENCHMARK=1), left out; run it by name"
+        else
+            printf '%s\n' "$suite"
+        fi
+    done < <(list_suites)
 }
 
 as_root() {
@@ -125,6 +152,16 @@ copy_host_file() {
     cp -L "$file" "$root$file"
 }
 
+# Copies executable $1 into the initramfs $3 as /bin/$2, with its shared libraries and the
+# dynamic loader at their host paths.
+copy_executable() {
+    local path="$1" name="$2" root="$3" lib
+    cp -L "$path" "$root/bin/$name"
+    while read -r lib; do
+        copy_host_file "$lib" "$root"
+    done < <(ldd "$path" | awk '/=> \//{print $3} /^[[:space:]]*\/[^ ]*ld-linux/{print $1}')
+}
+
 # Builds the suite's initramfs into $INITRAMFS.
 build_initramfs() {
     local suite="$1"
@@ -156,15 +193,16 @@ build_initramfs() {
     cp "$KERNEL_ROOT/$modules_dir"/modules.{order,builtin,builtin.modinfo} "$root/$modules_dir/"
     depmod -b "$root" "$KERNEL_VERSION"
 
-    # Test binaries, their shared libraries and the dynamic loader.
-    local bin lib
+    # Test binaries and host executables, their shared libraries and the dynamic loader.
+    local bin
     for bin in "${SUITE_BINS[@]}"; do
         path="$TARGET_DIR/release/$bin"
         [[ -x "$path" ]] || die "binary $path missing after cargo build"
-        cp "$path" "$root/bin/$bin"
-        while read -r lib; do
-            copy_host_file "$lib" "$root"
-        done < <(ldd "$path" | awk '/=> \//{print $3} /^[[:space:]]*\/[^ ]*ld-linux/{print $1}')
+        copy_executable "$path" "$bin" "$root"
+    done
+    for path in "${SUITE_HOST_BINS[@]}"; do
+        [[ "$path" == /* && -x "$path" ]] || die "SUITE_HOST_BINS: no executable at '$path'"
+        copy_executable "$path" "$(basename "$path")" "$root"
     done
 
     (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) | gzip -1 > "$INITRAMFS"
@@ -239,7 +277,8 @@ run_suite() {
     local suite="$1"
     [[ -f "$VM_DIR/$suite.conf" && -f "$VM_DIR/$suite.sh" ]] ||
         die "unknown suite '$suite' (known: $(list_suites | tr '\n' ' '))"
-    SUITE_PACKAGES=() SUITE_BINS=() SUITE_MODULES=() SUITE_VARIANTS=()
+    SUITE_PACKAGES=() SUITE_BINS=() SUITE_HOST_BINS=() SUITE_MODULES=() SUITE_VARIANTS=()
+    SUITE_BENCHMARK=0
     unset -f suite_qemu_args suite_host_check
     # shellcheck source=/dev/null
     source "$VM_DIR/$suite.conf"
@@ -265,12 +304,12 @@ run_suite() {
 main() {
     [[ $# -gt 0 ]] || die "usage: $0 <suite>... | all | --list"
     if [[ "$1" == "--list" ]]; then
-        list_suites
+        list_test_suites
         return 0
     fi
     local -a suites=("$@")
     if [[ "$1" == "all" ]]; then
-        mapfile -t suites < <(list_suites)
+        mapfile -t suites < <(list_test_suites)
     fi
     local suite
     for suite in "${suites[@]}"; do
