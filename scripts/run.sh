@@ -12,8 +12,9 @@ case "$program" in
 bdevperf) package=pollux-bdevperf ;;
 pollux-reactor-demo) package=pollux-reactor-demo ;;
 pollux-vfio-probe) package=pollux-vfio-probe ;;
+nvme-identify) package=pollux-nvme-identify ;;
 *)
-    echo "run.sh: unknown program '$program' (bdevperf, pollux-reactor-demo, pollux-vfio-probe)" >&2
+    echo "run.sh: unknown program '$program' (bdevperf, nvme-identify, pollux-reactor-demo, pollux-vfio-probe)" >&2
     exit 2
     ;;
 esac
