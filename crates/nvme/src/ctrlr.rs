@@ -20,8 +20,13 @@
 //! - An I/O command past its timeout: an Abort is sent; if the controller says it did not
 //!   abort it, or it is still outstanding one timeout later, reset.
 //!
-//! Shadow doorbells (Doorbell Buffer Config, OACS bit 8) are not implemented yet: the bit is
-//! parsed and reported by [`Controller::supports_shadow_doorbells`].
+//! Shadow doorbells (Doorbell Buffer Config, NVMe Base 2.0 5.8, OACS bit 8; what QEMU's and
+//! cloud NVMe controllers offer to cut doorbell exits): when the controller supports them and
+//! [`ControllerOptions::shadow_doorbells`] is set, one page of shadow doorbells and one of
+//! EventIdx values are allocated once, zeroed, and configured right after Identify Controller,
+//! and again after every reset (a controller reset forgets them). Queue pairs then publish
+//! their doorbells there and write MMIO only when the EventIdx asks (see [`QueuePair`]). A
+//! failed Doorbell Buffer Config is logged and the controller runs with MMIO doorbells only.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -33,7 +38,7 @@ use pollux_env::dma::{DmaBuffer, DmaMemory};
 use crate::error::NvmeError;
 use crate::prp::IoVec;
 use crate::qpair::{
-    QueuePair, QueuePairOptions, Shared, STATE_FAILED, STATE_RESETTING, STATE_RUNNING,
+    QueuePair, QueuePairOptions, ShadowPages, Shared, STATE_FAILED, STATE_RESETTING, STATE_RUNNING,
 };
 use crate::regs::Registers;
 use crate::spec::{
@@ -66,6 +71,8 @@ pub struct ControllerOptions {
     pub min_ready_timeout: Duration,
     /// Arm one Asynchronous Event Request.
     pub async_events: bool,
+    /// Use shadow doorbells (Doorbell Buffer Config) when the controller supports them.
+    pub shadow_doorbells: bool,
 }
 
 impl Default for ControllerOptions {
@@ -76,6 +83,7 @@ impl Default for ControllerOptions {
             admin_timeout: Duration::from_secs(10),
             min_ready_timeout: Duration::from_millis(500),
             async_events: true,
+            shadow_doorbells: true,
         }
     }
 }
@@ -196,6 +204,8 @@ impl<R: Registers> Controller<R> {
             orphans: Mutex::new(Vec::new()),
             page_size_bytes: PAGE_SIZE_BYTES,
             doorbell_stride_bytes: cap.doorbell_stride_bytes,
+            shadow: Mutex::new(None),
+            shadow_enabled: AtomicBool::new(false),
         });
         let admin_entries = clamp_entries(options.admin_entries, &cap).min(4096);
         let admin_options = QueuePairOptions {
@@ -245,6 +255,7 @@ impl<R: Registers> Controller<R> {
             version = %ctrlr.version,
             "nvme: controller identified"
         );
+        ctrlr.configure_shadow_doorbells()?;
         ctrlr.set_queue_count()?;
         ctrlr.scan_namespaces()?;
         ctrlr.arm_aer()?;
@@ -281,6 +292,74 @@ impl<R: Registers> Controller<R> {
 
     pub fn supports_shadow_doorbells(&self) -> bool {
         self.identify.supports_doorbell_buffer_config()
+    }
+
+    /// Doorbell Buffer Config succeeded in the current generation: queue pairs created (or
+    /// reconnected) now use shadow doorbells.
+    pub fn shadow_doorbells_enabled(&self) -> bool {
+        self.shared.shadow_enabled.load(Ordering::Acquire)
+    }
+
+    /// Allocates (once) and zeroes the shadow doorbell and EventIdx pages and hands them to the
+    /// controller with Doorbell Buffer Config. Only a DMA failure is an error; a refused
+    /// command leaves MMIO doorbells in use.
+    fn configure_shadow_doorbells(&mut self) -> Result<(), NvmeError> {
+        self.shared.shadow_enabled.store(false, Ordering::Release);
+        if !self.options.shadow_doorbells || !self.supports_shadow_doorbells() {
+            return Ok(());
+        }
+        let (doorbells_iova, event_idx_iova) = {
+            let mut guard = self.shared.lock_shadow();
+            if guard.is_none() {
+                let page = PAGE_SIZE_BYTES as usize;
+                let doorbells = self
+                    .dma
+                    .alloc(page, page, None)
+                    .map_err(NvmeError::dma("shadow doorbells"))?;
+                let event_idx = self
+                    .dma
+                    .alloc(page, page, None)
+                    .map_err(NvmeError::dma("EventIdx"))?;
+                *guard = Some(ShadowPages {
+                    doorbells,
+                    event_idx,
+                });
+            }
+            let Some(pages) = guard.as_mut() else {
+                return Ok(());
+            };
+            let page = PAGE_SIZE_BYTES as usize;
+            pages
+                .doorbells
+                .fill(0, page, 0)
+                .map_err(NvmeError::dma("shadow doorbells"))?;
+            pages
+                .event_idx
+                .fill(0, page, 0)
+                .map_err(NvmeError::dma("EventIdx"))?;
+            (
+                pages
+                    .doorbells
+                    .iova()
+                    .map_err(NvmeError::dma("shadow doorbells"))?,
+                pages.event_idx.iova().map_err(NvmeError::dma("EventIdx"))?,
+            )
+        };
+        let mut command = Command::new(opc::DOORBELL_BUFFER_CONFIG);
+        command.dptr = [doorbells_iova, event_idx_iova];
+        match self.admin_sync(command, 0) {
+            Ok(_) => {
+                self.shared.shadow_enabled.store(true, Ordering::Release);
+                self.admin.enable_shadow();
+                tracing::debug!("nvme: shadow doorbells configured");
+                Ok(())
+            }
+            Err(NvmeError::CommandFailed { status, .. }) => {
+                tracing::warn!(%status, "nvme: Doorbell Buffer Config refused, MMIO doorbells only");
+                Ok(())
+            }
+            Err(error) => Err(error),
+        }
     }
 
     pub fn resets(&self) -> u64 {
@@ -836,10 +915,13 @@ impl<R: Registers> Controller<R> {
         self.admin.discard_all();
         self.aer_outstanding = false;
         self.sync_result = None;
+        // The reset made the controller forget the shadow buffers: MMIO until reconfigured.
+        self.shared.shadow_enabled.store(false, Ordering::Release);
         self.shared.state.store(STATE_RESETTING, Ordering::Release);
         self.enable()?;
         // The admin queue runs in the new generation; it needs the running state for commands.
         self.shared.state.store(STATE_RUNNING, Ordering::Release);
+        self.configure_shadow_doorbells()?;
         self.set_queue_count()?;
         self.arm_aer()
     }

@@ -7,7 +7,8 @@
 //!   [`Bar`](pollux_env::vfio::Bar) and by the software controller model;
 //! - [`QueuePair`]: one submission / completion ring pair in DMA memory, owned by one thread,
 //!   with a fixed request pool indexed by command id, a fixed software queue for a full ring,
-//!   batched doorbells and validation of every completion entry;
+//!   batched doorbells (shadow doorbells with EventIdx when the controller offers Doorbell
+//!   Buffer Config) and validation of every completion entry;
 //! - [`prp`]: PRP lists and SGL descriptors built zero-copy from iovecs;
 //! - [`Controller`]: initialisation, admin commands, namespaces, I/O queue pairs, timeouts
 //!   (abort, then reset), reset, fatal status and surprise removal, shutdown;

@@ -12,6 +12,16 @@
 //! Management, against in-memory namespaces, with PRP lists (chained) and SGL data block /
 //! last segment descriptors.
 //!
+//! Shadow doorbells (option `shadow_doorbells`: OACS bit 8 and Doorbell Buffer Config),
+//! following QEMU's `hw/nvme/ctrl.c`: the command records the two pages and copies every
+//! existing queue's tail / head into the shadow page; processing an SQ (on its MMIO doorbell,
+//! or on [`ModelController::step`]) starts from the shadow tail and, once it has run out of
+//! entries, writes EventIdx = the tail it saw and reads the shadow tail again (so a host that
+//! wrote the shadow after that read sees the EventIdx and rings). Posting a completion reads
+//! the shadow CQ head and writes it back as the CQ's EventIdx. MMIO doorbells of the admin
+//! queue are copied into the shadow page (drivers leave the admin slots alone). A controller
+//! reset forgets the pages.
+//!
 //! Fault injection: an error status for the next N I/O commands, dropped completions (the
 //! command runs but never completes: trips the driver's timeout, abort and reset path),
 //! CSTS.CFS, surprise removal (all registers read all ones), and raw completion entries
@@ -58,6 +68,8 @@ pub struct ModelOptions {
     pub sgl: bool,
     /// MDTS (0 = no limit).
     pub mdts: u8,
+    /// Advertise and implement Doorbell Buffer Config (OACS bit 8).
+    pub shadow_doorbells: bool,
 }
 
 impl Default for ModelOptions {
@@ -69,6 +81,7 @@ impl Default for ModelOptions {
             namespaces: vec![(2048, 512)],
             sgl: false,
             mdts: 0,
+            shadow_doorbells: false,
         }
     }
 }
@@ -82,6 +95,8 @@ pub struct ModelStats {
     pub cq_doorbell_writes: u64,
     pub aborts: u64,
     pub enables: u64,
+    /// Doorbell Buffer Config commands accepted.
+    pub doorbell_buffer_configs: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -131,6 +146,8 @@ struct State {
     drop_next: u32,
     dropped: Vec<(u16, u16)>,
     removed: bool,
+    /// (shadow doorbell page, EventIdx page) after Doorbell Buffer Config.
+    dbbuf: Option<(u64, u64)>,
     stats: ModelStats,
 }
 
@@ -186,6 +203,7 @@ impl ModelController {
                 drop_next: 0,
                 dropped: Vec::new(),
                 removed: false,
+                dbbuf: None,
                 stats: ModelStats::default(),
             }),
         }))
@@ -423,7 +441,87 @@ impl State {
         self.cqs.iter_mut().for_each(|q| *q = None);
         self.aer_cids.clear();
         self.dropped.clear();
+        self.dbbuf = None;
         self.csts = 0;
+    }
+
+    fn stride(&self) -> u64 {
+        4u64 << self.options.doorbell_stride_log2
+    }
+
+    /// Reads the 32-bit slot `index` (2 * qid for SQ tails, 2 * qid + 1 for CQ heads) of the
+    /// shadow page (`event_idx` false) or the EventIdx page.
+    fn shadow_read(&self, index: u64, event_idx: bool) -> Option<u32> {
+        let (doorbells, events) = self.dbbuf?;
+        let base = if event_idx { events } else { doorbells };
+        let mut raw = [0u8; 4];
+        self.mem_read(base + index * self.stride(), &mut raw).ok()?;
+        Some(u32::from_le_bytes(raw))
+    }
+
+    fn shadow_write(&self, index: u64, event_idx: bool, value: u32) {
+        let Some((doorbells, events)) = self.dbbuf else {
+            return;
+        };
+        let base = if event_idx { events } else { doorbells };
+        if self
+            .mem_write(base + index * self.stride(), &value.to_le_bytes())
+            .is_err()
+        {
+            tracing::debug!(index, "model: shadow slot outside DMA memory");
+        }
+    }
+
+    /// Takes SQ `qid`'s tail from the shadow page (ignored when beyond the queue).
+    fn refresh_sq_tail(&mut self, qid: u16) {
+        let Some(value) = self.shadow_read(2 * u64::from(qid), false) else {
+            return;
+        };
+        if let Some(Some(sq)) = self.sqs.get_mut(usize::from(qid)) {
+            if value < u32::from(sq.entries) {
+                sq.tail = value as u16;
+            }
+        }
+    }
+
+    /// Takes CQ `cqid`'s head from the shadow page and publishes it as the CQ's EventIdx.
+    fn refresh_cq_head(&mut self, cqid: u16) {
+        let index = 2 * u64::from(cqid) + 1;
+        let Some(value) = self.shadow_read(index, false) else {
+            return;
+        };
+        if let Some(Some(cq)) = self.cqs.get_mut(usize::from(cqid)) {
+            if value < u32::from(cq.entries) {
+                cq.head = value as u16;
+            }
+        }
+        self.shadow_write(index, true, value);
+    }
+
+    fn doorbell_buffer_config(&mut self, command: &Command) -> CommandResult {
+        if !self.options.shadow_doorbells {
+            return Err(Status::generic(sc::INVALID_OPCODE).with_dnr(true));
+        }
+        let [doorbells, events] = command.dptr;
+        if !doorbells.is_multiple_of(PAGE)
+            || !events.is_multiple_of(PAGE)
+            || self.check(doorbells, PAGE as usize).is_err()
+            || self.check(events, PAGE as usize).is_err()
+        {
+            return Err(invalid_field());
+        }
+        self.dbbuf = Some((doorbells, events));
+        self.stats.doorbell_buffer_configs += 1;
+        // As QEMU: the queues that exist already publish their current state.
+        for qid in 0..self.sqs.len() {
+            if let Some(sq) = self.sqs[qid] {
+                self.shadow_write(2 * qid as u64, false, u32::from(sq.tail));
+            }
+            if let Some(cq) = self.cqs[qid] {
+                self.shadow_write(2 * qid as u64 + 1, false, u32::from(cq.head));
+            }
+        }
+        Ok(0)
     }
 
     fn sq_doorbell(&mut self, qid: u16, value: u32) {
@@ -437,6 +535,9 @@ impl State {
             return;
         }
         sq.tail = value as u16;
+        if qid == 0 {
+            self.shadow_write(0, false, value);
+        }
         // The admin queue always runs at once: only I/O queues wait for `step`.
         if self.auto_execute || qid == 0 {
             self.process_sq(qid);
@@ -450,6 +551,9 @@ impl State {
         };
         if value < u32::from(cq.entries) {
             cq.head = value as u16;
+        }
+        if qid == 0 {
+            self.shadow_write(1, false, value);
         }
         if self.auto_execute || qid == 0 {
             // Room may have appeared for SQs stalled on this CQ.
@@ -472,12 +576,28 @@ impl State {
         if self.csts & spec::CSTS_RDY == 0 || self.removed {
             return;
         }
+        if self.dbbuf.is_some() {
+            self.refresh_sq_tail(qid);
+        }
         let mut budget = 1usize << 16;
         while budget > 0 {
             budget -= 1;
             let Some(Some(sq)) = self.sqs.get(usize::from(qid)).copied() else {
                 return;
             };
+            if sq.head == sq.tail && self.dbbuf.is_some() {
+                // Out of entries: ask for a doorbell on the next write past what we saw, then
+                // look again (the host may have written the shadow before seeing EventIdx).
+                self.shadow_write(2 * u64::from(qid), true, u32::from(sq.tail));
+                self.refresh_sq_tail(qid);
+                if self.sqs[usize::from(qid)].is_some_and(|now| now.tail != sq.tail) {
+                    continue;
+                }
+                return;
+            }
+            if self.dbbuf.is_some() {
+                self.refresh_cq_head(sq.cqid);
+            }
             if sq.head == sq.tail || self.cq_full(sq.cqid) {
                 return;
             }
@@ -584,6 +704,7 @@ impl State {
                 .encode()),
                 _ => Err(invalid_field()),
             },
+            opc::DOORBELL_BUFFER_CONFIG => self.doorbell_buffer_config(command),
             opc::CREATE_IO_CQ => self.create_cq(command),
             opc::CREATE_IO_SQ => self.create_sq(command),
             opc::DELETE_IO_SQ => {
@@ -670,6 +791,9 @@ impl State {
                 id.oncs = spec::ONCS_DSM | spec::ONCS_WRITE_ZEROES;
                 id.vwc = 1;
                 id.sgls = u32::from(self.options.sgl);
+                if self.options.shadow_doorbells {
+                    id.oacs |= spec::OACS_DOORBELL_BUFFER_CONFIG;
+                }
                 id.encode()
             }
             cns::NAMESPACE => {

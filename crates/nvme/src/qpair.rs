@@ -11,6 +11,14 @@
 //! - **Doorbells**: submits only write entries; [`QueuePair::process_completions`] rings the
 //!   SQ tail doorbell once for everything submitted since the last call, reaps up to `max`
 //!   completions and rings the CQ head doorbell once for the batch (STYLE #13).
+//! - **Shadow doorbells** (Doorbell Buffer Config, NVMe Base 2.0, 5.8; OACS bit 8), when the
+//!   controller configured them: a new SQ tail / CQ head goes into the pair's slot of the
+//!   shared shadow page, then (after a full fence) the pair reads the controller's EventIdx
+//!   slot and writes the MMIO doorbell only when the move passed it ([`spec::need_event`]).
+//!   The admin queue writes both, always (QEMU copies admin MMIO doorbells into the shadow
+//!   itself: drivers, Linux's included, leave the admin slots alone). With shadow doorbells a
+//!   pair keeps at most `entries - 1` commands outstanding, so its CQ can never fill: a
+//!   skipped CQ head doorbell can then never leave the controller waiting for room.
 //! - **Validation**: every CQE is checked before it is trusted: command id in range and
 //!   outstanding, SQ id, SQ head inside the submitted range (4.6.1). A broken entry is consumed
 //!   and reported as [`NvmeError::BadCompletion`]; the controller is asked to reset.
@@ -58,6 +66,21 @@ pub(crate) struct Shared {
     pub orphans: Mutex<Vec<Rings>>,
     pub page_size_bytes: u64,
     pub doorbell_stride_bytes: u64,
+    /// The Shadow Doorbell and EventIdx pages, once allocated. Every queue pair writes its own
+    /// slots; a lock because env's `DmaBuffer` hands out no shared sub-slices (its writes need
+    /// `&mut`). Taken once per doorbell batch, never per I/O; the pages themselves are shared
+    /// by every queue (4-byte slots) whatever the locking, as the spec lays them out.
+    pub shadow: Mutex<Option<ShadowPages>>,
+    /// Doorbell Buffer Config succeeded in the current generation (cleared by a reset).
+    pub shadow_enabled: AtomicBool,
+}
+
+/// One page of shadow doorbells and one of EventIdx values (Doorbell Buffer Config PRP1 and
+/// PRP2).
+#[derive(Debug)]
+pub(crate) struct ShadowPages {
+    pub doorbells: DmaBuffer,
+    pub event_idx: DmaBuffer,
 }
 
 impl Shared {
@@ -71,6 +94,62 @@ impl Shared {
         self.orphans
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn lock_shadow(&self) -> std::sync::MutexGuard<'_, Option<ShadowPages>> {
+        self.shadow
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes `new` into the shadow doorbell at `offset`, then reads the EventIdx beside it:
+    /// whether the MMIO doorbell is needed for the move from `old` (true when the pages are
+    /// gone, to stay safe).
+    fn shadow_update(
+        &self,
+        offset: usize,
+        new: u16,
+        old: u16,
+        entries: u16,
+    ) -> Result<bool, NvmeError> {
+        let mut guard = self.lock_shadow();
+        let Some(pages) = guard.as_mut() else {
+            return Ok(true);
+        };
+        pages
+            .doorbells
+            .write_at(offset, &u32::from(new).to_le_bytes())
+            .map_err(NvmeError::dma("shadow doorbell"))?;
+        // The controller must see the new value before we read its EventIdx (it writes
+        // EventIdx, then re-reads the shadow value): store then load, which only a full fence
+        // orders. Without it we could read a stale EventIdx, skip the MMIO write and leave the
+        // controller asleep with work in the queue.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let mut raw = [0u8; 4];
+        pages
+            .event_idx
+            .read_at(offset, &mut raw)
+            .map_err(NvmeError::dma("EventIdx"))?;
+        Ok(spec::need_event(u32::from_le_bytes(raw), new, old, entries))
+    }
+
+    /// Zeroes queue `qid`'s shadow and EventIdx slots (a new queue starts at 0, and the
+    /// controller may read the slot as soon as the queue exists).
+    fn clear_shadow_slots(&self, qid: u16) -> Result<(), NvmeError> {
+        let mut guard = self.lock_shadow();
+        let Some(pages) = guard.as_mut() else {
+            return Ok(());
+        };
+        let offset = spec::shadow_sq_tail_offset(qid, self.doorbell_stride_bytes) as usize;
+        let len = 2 * self.doorbell_stride_bytes as usize;
+        pages
+            .doorbells
+            .fill(offset, len, 0)
+            .map_err(NvmeError::dma("shadow doorbell"))?;
+        pages
+            .event_idx
+            .fill(offset, len, 0)
+            .map_err(NvmeError::dma("EventIdx"))
     }
 }
 
@@ -114,8 +193,14 @@ pub struct QpairStats {
     pub completed: u64,
     /// Requests that waited in the software queue because the SQ was full.
     pub queued_sq_full: u64,
+    /// MMIO SQ tail doorbell writes.
     pub sq_doorbells: u64,
+    /// MMIO CQ head doorbell writes.
     pub cq_doorbells: u64,
+    /// SQ tails written to the shadow doorbell buffer (each may or may not ring MMIO).
+    pub sq_shadow_updates: u64,
+    /// CQ heads written to the shadow doorbell buffer.
+    pub cq_shadow_updates: u64,
     pub prp_lists: u64,
     pub sgls: u64,
     /// Always 0: bounce buffers are not implemented (see [`crate::prp`]).
@@ -201,6 +286,11 @@ pub struct QueuePair<R: Registers> {
     sq_unrung: bool,
     sq_doorbell: u64,
     cq_doorbell: u64,
+    /// Shadow doorbells are configured for this pair's generation.
+    shadow: bool,
+    /// SQ tail / CQ head last published (shadow or MMIO): the `old` of [`spec::need_event`].
+    sq_tail_published: u16,
+    cq_head_published: u16,
     slots: Vec<Slot>,
     free: Vec<u16>,
     waiting: VecDeque<u16>,
@@ -274,6 +364,9 @@ impl<R: Registers> QueuePair<R> {
             sq_unrung: false,
             sq_doorbell: spec::sq_tail_doorbell(qid, stride),
             cq_doorbell: spec::cq_head_doorbell(qid, stride),
+            shadow: false,
+            sq_tail_published: 0,
+            cq_head_published: 0,
             slots: vec![EMPTY_SLOT; usize::from(options.depth)],
             free: (0..options.depth).rev().collect(),
             waiting: VecDeque::with_capacity(usize::from(options.depth)),
@@ -314,7 +407,13 @@ impl<R: Registers> QueuePair<R> {
         self.cq_head = 0;
         self.phase = true;
         self.sq_unrung = false;
+        self.sq_tail_published = 0;
+        self.cq_head_published = 0;
         self.generation = self.shared.generation.load(Ordering::Acquire);
+        self.shadow = self.shared.shadow_enabled.load(Ordering::Acquire);
+        if self.shadow {
+            self.shared.clear_shadow_slots(self.qid)?;
+        }
         self.disconnected = false;
         self.last_timeout_check = None;
         Ok(())
@@ -342,6 +441,19 @@ impl<R: Registers> QueuePair<R> {
 
     pub(crate) fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Starts using the shadow doorbells just configured (the admin queue, whose queues
+    /// already exist: the controller copied their current tail and head into the page).
+    pub(crate) fn enable_shadow(&mut self) {
+        self.shadow = self.shared.shadow_enabled.load(Ordering::Acquire);
+        self.sq_tail_published = self.sq_tail;
+        self.cq_head_published = self.cq_head;
+    }
+
+    /// Whether this pair publishes its doorbells through the shadow buffer.
+    pub fn uses_shadow_doorbells(&self) -> bool {
+        self.shadow
     }
 
     /// Requests submitted and not yet handed back (in the SQ or waiting for room).
@@ -593,6 +705,8 @@ impl<R: Registers> QueuePair<R> {
 
     fn sq_has_room(&self) -> bool {
         (self.sq_tail + 1) % self.entries != self.sq_head
+            // With shadow doorbells the CQ must never fill (see the module documentation).
+            && (!self.shadow || self.outstanding < self.entries - 1)
     }
 
     fn write_sqe(&mut self, cid: u16) -> Result<(), NvmeError> {
@@ -612,16 +726,46 @@ impl<R: Registers> QueuePair<R> {
     }
 
     /// Rings the SQ tail doorbell if entries were written since the last ring. The release
-    /// fence orders the entries' stores before the doorbell's MMIO store.
+    /// fence orders the entries' stores before the doorbell's (shadow or MMIO) store.
     pub fn flush(&mut self) -> Result<(), NvmeError> {
         if self.sq_unrung {
             std::sync::atomic::fence(Ordering::Release);
             self.sq_unrung = false;
+            let tail = self.sq_tail;
+            let old = std::mem::replace(&mut self.sq_tail_published, tail);
+            if self.shadow {
+                self.stats.sq_shadow_updates += 1;
+                let offset =
+                    spec::shadow_sq_tail_offset(self.qid, self.shared.doorbell_stride_bytes);
+                let needed = self
+                    .shared
+                    .shadow_update(offset as usize, tail, old, self.entries)?;
+                if !needed && self.qid != 0 {
+                    return Ok(());
+                }
+            }
             self.stats.sq_doorbells += 1;
-            self.regs
-                .write32(self.sq_doorbell, u32::from(self.sq_tail))?;
+            self.regs.write32(self.sq_doorbell, u32::from(tail))?;
         }
         Ok(())
+    }
+
+    /// Publishes the CQ head: shadow slot, then MMIO when the controller asked for it.
+    fn ring_cq(&mut self) -> Result<(), NvmeError> {
+        let head = self.cq_head;
+        let old = std::mem::replace(&mut self.cq_head_published, head);
+        if self.shadow {
+            self.stats.cq_shadow_updates += 1;
+            let offset = spec::shadow_cq_head_offset(self.qid, self.shared.doorbell_stride_bytes);
+            let needed = self
+                .shared
+                .shadow_update(offset as usize, head, old, self.entries)?;
+            if !needed && self.qid != 0 {
+                return Ok(());
+            }
+        }
+        self.stats.cq_doorbells += 1;
+        self.regs.write32(self.cq_doorbell, u32::from(head))
     }
 
     /// Rings the SQ doorbell, reaps up to `max` completions (one CQ doorbell for the batch),
@@ -680,9 +824,7 @@ impl<R: Registers> QueuePair<R> {
             on_complete(tag, &completion);
         }
         if reaped > 0 || result.is_err() {
-            self.stats.cq_doorbells += 1;
-            self.regs
-                .write32(self.cq_doorbell, u32::from(self.cq_head))?;
+            self.ring_cq()?;
         }
         result?;
         if !self.waiting.is_empty() {

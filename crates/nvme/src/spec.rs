@@ -34,6 +34,30 @@ pub fn cq_head_doorbell(qid: u16, stride_bytes: u64) -> u64 {
     REG_DOORBELL_BASE + (2 * u64::from(qid) + 1) * stride_bytes
 }
 
+/// Byte offset of submission queue `qid`'s tail in the Shadow Doorbell and EventIdx buffers
+/// (Doorbell Buffer Config, NVMe Base 2.0, 5.8): `2 * qid * stride`, the doorbell's own layout.
+pub fn shadow_sq_tail_offset(qid: u16, stride_bytes: u64) -> u64 {
+    2 * u64::from(qid) * stride_bytes
+}
+
+/// Byte offset of completion queue `qid`'s head in the shadow buffers: `(2 * qid + 1) * stride`.
+pub fn shadow_cq_head_offset(qid: u16, stride_bytes: u64) -> u64 {
+    (2 * u64::from(qid) + 1) * stride_bytes
+}
+
+/// Whether moving a doorbell from `old` to `new` passed the controller's `event_idx`, so the
+/// MMIO doorbell must be written (the virtio rule NVMe borrowed: Linux `nvme_dbbuf_need_event`,
+/// `(u16)(new - event_idx - 1) < (u16)(new - old)`). Indices wrap at the queue's `entries`,
+/// not at 65536, so the arithmetic is modulo `entries` (the same as the u16 form for 65536
+/// entries; the u16 form rings needlessly when a smaller ring wraps). `event_idx` comes from
+/// the device: any value is accepted, reduced modulo `entries`.
+pub fn need_event(event_idx: u32, new: u16, old: u16, entries: u16) -> bool {
+    let n = u32::from(entries.max(1));
+    let event_idx = event_idx % n;
+    let (new, old) = (u32::from(new) % n, u32::from(old) % n);
+    (new + 2 * n - event_idx - 1) % n < (new + n - old) % n
+}
+
 /// Controller Capabilities (CAP), decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cap {
@@ -1425,6 +1449,17 @@ mod tests {
         assert_eq!(cap.page_size_min_bytes, 4096);
         assert_eq!(cap.page_size_max_bytes, 65536);
         assert_eq!(sq_tail_doorbell(1, 16), 0x1020);
+        assert_eq!(shadow_sq_tail_offset(3, 4), 24);
+        assert_eq!(shadow_cq_head_offset(3, 16), 112);
+        // The controller saw up to 10: moving 10 -> 12 passes it, 12 -> 14 does not.
+        assert!(need_event(10, 12, 10, 256));
+        assert!(!need_event(10, 14, 12, 256));
+        // Across the wrap of a 256-entry ring: 250 -> 4 passes 252 and 255, not 100.
+        assert!(need_event(252, 4, 250, 256));
+        assert!(need_event(255, 4, 250, 256));
+        assert!(!need_event(100, 4, 250, 256));
+        // Nothing moved: never.
+        assert!(!need_event(7, 7, 7, 256));
         assert_eq!(cq_head_doorbell(1, 16), 0x1030);
         let cc = Cc {
             enable: true,
