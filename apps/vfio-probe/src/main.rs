@@ -11,13 +11,14 @@ mod nvme;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use pollux_env::dma::{DmaConfig, DmaError, DmaMemory};
 use pollux_env::memmap::{MemMap, TranslationError};
 use pollux_env::pci::PciAddress;
-use pollux_env::vfio::{IovaMode, VfioError, VfioPciDevice};
+use pollux_env::vfio::{Bar, IovaMode, VfioError, VfioPciDevice};
+use pollux_nvme::spec::{Cap, Version, REG_CAP, REG_VS};
+use pollux_nvme::{Controller, ControllerOptions, NvmeError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -37,11 +38,8 @@ pub enum ProbeError {
     Implausible(String),
     #[error("NVMe controller: {0}")]
     Controller(String),
-    #[error("timed out after {waited:?} waiting for {what}")]
-    Timeout {
-        what: &'static str,
-        waited: Duration,
-    },
+    #[error(transparent)]
+    Nvme(#[from] NvmeError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -80,6 +78,9 @@ struct Args {
     #[arg(long)]
     no_huge: bool,
 }
+
+/// The buffer whose mapping the probe checks (IDENTIFY allocates its own queues).
+const PROBE_BUFFER_BYTES: usize = 0x3000;
 
 fn parse_hex_u64(text: &str) -> Result<u64, String> {
     // Underscores may group digits, as in Rust literals: 0x0040_3820_0f01_07ff.
@@ -139,11 +140,11 @@ fn run(args: &Args) -> Result<(), ProbeError> {
     let command = device.enable_bus_master()?;
     println!("pci: command register {command:#06x} (memory space + bus master enabled)");
 
-    let bar = device.map_bar(0)?;
-    let cap = nvme::Cap::decode(bar.read64(nvme::REG_CAP)?);
-    let vs = bar.read32(nvme::REG_VS)?;
-    println!("CAP: {cap}");
-    println!("VS: {vs:#010x} ({})", nvme::format_version(vs));
+    let bar = Arc::new(device.map_bar(0)?);
+    let cap = Cap::decode(bar.read64(REG_CAP)?);
+    let vs = bar.read32(REG_VS)?;
+    println!("CAP: {}", nvme::describe_cap(&cap));
+    println!("VS: {vs:#010x} ({})", Version::decode(vs));
     expect(
         "CAP",
         args.expect_cap.map(|v| format!("{v:#018x}")),
@@ -154,7 +155,7 @@ fn run(args: &Args) -> Result<(), ProbeError> {
         args.expect_vs.map(|v| format!("{v:#010x}")),
         format!("{vs:#010x}"),
     )?;
-    cap.check_plausible()?;
+    nvme::check_plausible(&cap)?;
 
     // DMA memory is registered in the global memmap; attaching the container as its mapper
     // maps every registered region into the IOMMU.
@@ -164,7 +165,7 @@ fn run(args: &Args) -> Result<(), ProbeError> {
     })?;
     let container = Arc::clone(device.container());
     MemMap::global().set_mapper(container.clone())?;
-    let result = probe_dma(args, &device, &bar, &cap, &memory);
+    let result = probe_dma(args, &device, &bar, &memory);
     // Unmap everything whatever happened (the controller was disabled first, inside probe_dma).
     let cleared = MemMap::global().clear_mapper();
     result?;
@@ -181,11 +182,10 @@ fn run(args: &Args) -> Result<(), ProbeError> {
 fn probe_dma(
     args: &Args,
     device: &VfioPciDevice,
-    bar: &pollux_env::vfio::Bar<'_>,
-    cap: &nvme::Cap,
+    bar: &Arc<Bar<'_>>,
     memory: &Arc<DmaMemory>,
 ) -> Result<(), ProbeError> {
-    let mut buffer = memory.alloc(nvme::BUFFER_BYTES, 4096, None)?;
+    let buffer = memory.alloc(PROBE_BUFFER_BYTES, 4096, None)?;
     let iova = buffer.iova()?;
     let mapping = device.container().mapping_at(iova).ok_or_else(|| {
         ProbeError::Controller(format!("IOVA {iova:#x} is in no container mapping"))
@@ -226,14 +226,18 @@ fn probe_dma(
     if args.skip_identify {
         return Ok(());
     }
-    let identity = nvme::identify_controller(bar, cap, &mut buffer, iova);
-    // Stop the controller before its queues are unmapped, whatever IDENTIFY did.
-    let disabled = nvme::disable(bar, cap);
-    let identity = identity?;
-    disabled?;
+    // Brings the controller up (admin queues in this DMA memory), identifies it, and shuts it
+    // down again before the memory is unmapped.
+    let controller = Controller::new(
+        Arc::clone(bar),
+        Arc::clone(memory),
+        ControllerOptions::default(),
+    )?;
+    let identity = controller.identify().clone();
+    controller.detach()?;
     println!(
         "IDENTIFY: vendor {:#06x} serial \"{}\" model \"{}\" firmware \"{}\"",
-        identity.vendor_id, identity.serial, identity.model, identity.firmware
+        identity.vid, identity.serial, identity.model, identity.firmware
     );
     expect(
         "serial number",
