@@ -753,6 +753,74 @@ impl DmaBuffer {
         Ok(())
     }
 
+    /// Writes `words` (as little-endian bytes) at `offset`: one bounds check, then one
+    /// volatile 64-bit store per word when the destination is 8-byte aligned (queue entries
+    /// are), a byte-wise volatile copy otherwise.
+    #[inline]
+    pub fn write_u64s_at<const N: usize>(
+        &mut self,
+        offset: usize,
+        words: &[u64; N],
+    ) -> Result<(), DmaError> {
+        check_access(offset, std::mem::size_of_val(words), self.len_bytes)?;
+        // SAFETY: `offset` is inside this buffer (checked above).
+        let dst = unsafe { self.as_mut_ptr().add(offset) };
+        let aligned = dst as usize & 7 == 0;
+        for (i, word) in words.iter().enumerate() {
+            if aligned {
+                // SAFETY: `(i + 1) * 8 <= N * 8`, inside the checked range, and `dst + i * 8`
+                // is 8-aligned.
+                unsafe { dst.add(i * 8).cast::<u64>().write_volatile(word.to_le()) };
+            } else {
+                // SAFETY: inside the checked range; `word` is ordinary memory, no overlap.
+                unsafe { copy_to_dma(dst.add(i * 8), &word.to_le_bytes()) };
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `N` little-endian 64-bit words at `offset`: one bounds check, then one volatile
+    /// load per word when the source is 8-byte aligned, a byte-wise volatile copy otherwise.
+    #[inline]
+    pub fn read_u64s_at<const N: usize>(&self, offset: usize) -> Result<[u64; N], DmaError> {
+        let mut words = [0u64; N];
+        check_access(offset, std::mem::size_of_val(&words), self.len_bytes)?;
+        // SAFETY: `offset` is inside this buffer (checked above).
+        let src = unsafe { self.as_ptr().add(offset) };
+        let aligned = src as usize & 7 == 0;
+        for (i, word) in words.iter_mut().enumerate() {
+            if aligned {
+                // SAFETY: `(i + 1) * 8 <= N * 8`, inside the checked range, and `src + i * 8`
+                // is 8-aligned.
+                *word = u64::from_le(unsafe { src.add(i * 8).cast::<u64>().read_volatile() });
+            } else {
+                let mut bytes = [0u8; 8];
+                // SAFETY: inside the checked range; `bytes` is ordinary memory, no overlap.
+                unsafe { copy_from_dma(&mut bytes, src.add(i * 8)) };
+                *word = u64::from_le_bytes(bytes);
+            }
+        }
+        Ok(words)
+    }
+
+    /// Reads one little-endian 32-bit word at `offset` (a single volatile load when aligned):
+    /// for polling a phase or status bit before reading the rest of an entry.
+    #[inline]
+    pub fn read_u32_at(&self, offset: usize) -> Result<u32, DmaError> {
+        check_access(offset, 4, self.len_bytes)?;
+        // SAFETY: `offset` is inside this buffer (checked above).
+        let src = unsafe { self.as_ptr().add(offset) };
+        if src as usize & 3 == 0 {
+            // SAFETY: `[src, src + 4)` is inside the checked range and `src` is 4-aligned.
+            Ok(u32::from_le(unsafe { src.cast::<u32>().read_volatile() }))
+        } else {
+            let mut bytes = [0u8; 4];
+            // SAFETY: inside the checked range; `bytes` is ordinary memory, no overlap.
+            unsafe { copy_from_dma(&mut bytes, src) };
+            Ok(u32::from_le_bytes(bytes))
+        }
+    }
+
     /// Sets `len_bytes` bytes at `offset` to `byte`.
     pub fn fill(&mut self, offset: usize, len_bytes: usize, byte: u8) -> Result<(), DmaError> {
         check_access(offset, len_bytes, self.len_bytes)?;
@@ -911,6 +979,28 @@ mod tests {
         assert!(buffer.write_at(99, &[1, 2]).is_err());
         assert!(buffer.read_at(99, &mut [0, 0]).is_err());
         buffer.write_at(100, &[]).unwrap();
+    }
+
+    #[test]
+    fn word_accessors_round_trip_and_check_bounds() {
+        let (memory, _) = small(2);
+        let mut buffer = memory.alloc(100, 64, None).unwrap();
+        let words = [0x0102_0304_0506_0708u64, u64::MAX, 0];
+        // Aligned (one store per word) and unaligned (byte-wise) destinations.
+        for offset in [8, 3] {
+            buffer.write_u64s_at(offset, &words).unwrap();
+            assert_eq!(buffer.read_u64s_at::<3>(offset).unwrap(), words);
+            let mut bytes = [0u8; 8];
+            buffer.read_at(offset, &mut bytes).unwrap();
+            assert_eq!(bytes, words[0].to_le_bytes());
+            assert_eq!(buffer.read_u32_at(offset).unwrap(), 0x0506_0708);
+            assert_eq!(buffer.read_u32_at(offset + 4).unwrap(), 0x0102_0304);
+        }
+        assert!(buffer.write_u64s_at(80, &words).is_err());
+        assert!(buffer.read_u64s_at::<3>(77).is_err());
+        assert!(buffer.read_u32_at(97).is_err());
+        assert!(buffer.read_u32_at(usize::MAX).is_err());
+        buffer.read_u32_at(96).unwrap();
     }
 
     #[test]

@@ -143,6 +143,15 @@ pub fn build(
     sgl_supported: bool,
     area: &mut ListArea<'_>,
 ) -> Result<DataPointer, NvmeError> {
+    // The I/O path's common case first: one iovec covering the transfer, one translation,
+    // no list page, no length-sum loop.
+    if let [iov] = iovs {
+        if iov.len_bytes as u64 == len_bytes && len_bytes != 0 {
+            if let Some(pointer) = single_iovec_prp(memmap, iov, area.page_size_bytes) {
+                return Ok(pointer);
+            }
+        }
+    }
     let mut sum = 0u64;
     for iov in iovs {
         if iov.len_bytes == 0 {
@@ -156,11 +165,6 @@ pub fn build(
         return Err(NvmeError::InvalidRequest {
             reason: "iovec lengths do not add up to the transfer length",
         });
-    }
-    if let [iov] = iovs {
-        if let Some(pointer) = single_iovec_prp(memmap, iov, area.page_size_bytes) {
-            return Ok(pointer);
-        }
     }
     match build_prp(memmap, iovs, area)? {
         Ok(pointer) => Ok(pointer),

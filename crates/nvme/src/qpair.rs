@@ -224,6 +224,10 @@ enum SlotState {
 struct Slot {
     tag: u64,
     state: SlotState,
+    /// For timeout reports (the command id is the slot index).
+    opcode: u8,
+    /// The built command, kept only while it waits in the software queue (an entry that goes
+    /// straight into the SQ is encoded there and never copied here).
     command: Command,
     /// When a timeout check first saw this command outstanding.
     seen_at: Option<Instant>,
@@ -235,6 +239,7 @@ struct Slot {
 const EMPTY_SLOT: Slot = Slot {
     tag: 0,
     state: SlotState::Free,
+    opcode: 0,
     command: Command {
         opcode: 0,
         fuse: 0,
@@ -681,15 +686,17 @@ impl<R: Registers> QueuePair<R> {
         command.cid = cid;
         let slot = &mut self.slots[usize::from(cid)];
         slot.tag = tag;
-        slot.command = command;
+        slot.opcode = command.opcode;
         slot.seen_at = None;
         slot.abort_requested = false;
         slot.no_timeout = no_timeout;
         self.stats.submitted += 1;
         if self.waiting.is_empty() && self.sq_has_room() {
-            self.write_sqe(cid)
+            self.write_sqe(cid, &command)
         } else {
-            self.slots[usize::from(cid)].state = SlotState::Queued;
+            let slot = &mut self.slots[usize::from(cid)];
+            slot.command = command;
+            slot.state = SlotState::Queued;
             self.stats.queued_sq_full += 1;
             // Capacity is `depth` and every queued id is a distinct slot: never grows.
             self.waiting.push_back(cid);
@@ -703,24 +710,36 @@ impl<R: Registers> QueuePair<R> {
         self.take_slot()
     }
 
+    /// The ring index after `index` (a compare, not a division, on the hot path).
+    #[inline]
+    fn next_index(&self, index: u16) -> u16 {
+        if index + 1 == self.entries {
+            0
+        } else {
+            index + 1
+        }
+    }
+
     fn sq_has_room(&self) -> bool {
-        (self.sq_tail + 1) % self.entries != self.sq_head
+        self.next_index(self.sq_tail) != self.sq_head
             // With shadow doorbells the CQ must never fill (see the module documentation).
             && (!self.shadow || self.outstanding < self.entries - 1)
     }
 
-    fn write_sqe(&mut self, cid: u16) -> Result<(), NvmeError> {
-        let bytes = self.slots[usize::from(cid)].command.encode();
+    /// Encodes `command` straight into the SQ tail slot: one bounds check, eight 64-bit
+    /// volatile stores.
+    fn write_sqe(&mut self, cid: u16, command: &Command) -> Result<(), NvmeError> {
+        let words = command.encode_words();
         let Some(rings) = self.rings.as_mut() else {
             return Err(NvmeError::Disconnected { qid: self.qid });
         };
         rings
             .sq
-            .write_at(usize::from(self.sq_tail) * SQE_BYTES, &bytes)
+            .write_u64s_at(usize::from(self.sq_tail) * SQE_BYTES, &words)
             .map_err(NvmeError::dma("submission queue"))?;
         self.slots[usize::from(cid)].state = SlotState::Outstanding;
         self.outstanding += 1;
-        self.sq_tail = (self.sq_tail + 1) % self.entries;
+        self.sq_tail = self.next_index(self.sq_tail);
         self.sq_unrung = true;
         Ok(())
     }
@@ -790,21 +809,25 @@ impl<R: Registers> QueuePair<R> {
         let mut reaped = 0u32;
         let mut result = Ok(());
         while reaped < max {
-            let mut raw = [0u8; CQE_BYTES];
             let Some(rings) = self.rings.as_ref() else {
                 return Err(NvmeError::Disconnected { qid: self.qid });
             };
-            rings
+            let offset = usize::from(self.cq_head) * CQE_BYTES;
+            // Cheap early exit on the phase bit (DW3 bit 16): one 32-bit load.
+            let dw3 = rings
                 .cq
-                .read_at(usize::from(self.cq_head) * CQE_BYTES, &mut raw)
+                .read_u32_at(offset + 12)
                 .map_err(NvmeError::dma("completion queue"))?;
-            // Cheap early exit on the phase bit (DW3 bit 16) before decoding.
-            if (raw[14] & 1 != 0) != self.phase {
+            if (dw3 & (1 << 16) != 0) != self.phase {
                 break;
             }
             // Read the rest of the entry (and the data it announces) only after the phase.
             std::sync::atomic::fence(Ordering::Acquire);
-            let completion = Completion::decode(&raw);
+            let words = rings
+                .cq
+                .read_u64s_at::<2>(offset)
+                .map_err(NvmeError::dma("completion queue"))?;
+            let completion = Completion::from_words(words);
             self.advance_cq_head();
             if let Err(error) = self.validate(&completion) {
                 self.stats.bad_completions += 1;
@@ -832,7 +855,8 @@ impl<R: Registers> QueuePair<R> {
                 let Some(cid) = self.waiting.pop_front() else {
                     break;
                 };
-                self.write_sqe(cid)?;
+                let command = self.slots[usize::from(cid)].command;
+                self.write_sqe(cid, &command)?;
             }
             self.flush()?;
         }
@@ -945,7 +969,8 @@ impl<R: Registers> QueuePair<R> {
             return;
         }
         self.last_timeout_check = Some(now);
-        for slot in self.slots.iter_mut() {
+        for (cid, slot) in self.slots.iter_mut().enumerate() {
+            let cid = cid as u16;
             if slot.state != SlotState::Outstanding || slot.no_timeout {
                 continue;
             }
@@ -960,20 +985,20 @@ impl<R: Registers> QueuePair<R> {
             if slot.abort_requested {
                 tracing::error!(
                     qid = self.qid,
-                    cid = slot.command.cid,
+                    cid,
                     "nvme: command still outstanding after its abort, asking for a reset"
                 );
                 self.shared.needs_reset.store(true, Ordering::Release);
             } else {
                 tracing::warn!(
                     qid = self.qid,
-                    cid = slot.command.cid,
-                    opcode = slot.command.opcode,
+                    cid,
+                    opcode = slot.opcode,
                     "nvme: command timed out, asking for an abort"
                 );
                 slot.abort_requested = true;
                 slot.seen_at = Some(now);
-                self.shared.lock_aborts().push((self.qid, slot.command.cid));
+                self.shared.lock_aborts().push((self.qid, cid));
             }
         }
     }
