@@ -340,7 +340,7 @@ pub struct Command {
 }
 
 impl Command {
-    pub fn new(opcode: u8) -> Self {
+    pub const fn new(opcode: u8) -> Self {
         Self {
             opcode,
             fuse: 0,
