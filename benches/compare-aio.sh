@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Pollux's aio and uring bdevs next to fio's libaio and io_uring engines, on the same file:
 # 4 KiB random reads, queue depth 128, one job pinned to core 0, O_DIRECT where the file
-# system allows it. Prints IOPS per engine and the ratio Pollux / fio.
+# system allows it. Prints IOPS per engine and the ratio Pollux / fio, plus a row for the
+# uring bdev with bdevperf --interrupt-mode (the reactor sleeps on the ring's completion
+# eventfd instead of busy-polling; the aio bdev has no completion fd, so it gets no such row).
 #
 # Usage: benches/compare-aio.sh
 # Environment (defaults in brackets):
@@ -82,16 +84,18 @@ fio_iops() {
     jq '.jobs[0].read.iops' "$out"
 }
 
-# pollux_iops METHOD NAME: IOPS of one bdevperf run on a bdev made by METHOD.
+# pollux_iops METHOD NAME [BDEVPERF ARGS...]: IOPS of one bdevperf run on a bdev made by
+# METHOD.
 pollux_iops() {
     local method=$1 name=$2 config="$WORK/$2.json" out="$WORK/bdevperf-$2.json"
+    shift 2
     jq -n --arg method "$method" --arg name "$name" --arg file "$FILE" \
         --argjson block "$IO_SIZE_BYTES" \
         '{subsystems: [{subsystem: "bdev", config: [
             {method: $method, params: {name: $name, filename: $file, block_size: $block}}]}]}' \
         >"$config"
     "$BDEVPERF" -c "$config" -q "$QUEUE_DEPTH" -o "$IO_SIZE_BYTES" -w randread \
-        -t "$RUNTIME_S" -m 0x1 "${huge_args[@]}" --json "$out" >"$WORK/bdevperf-$name.log" 2>&1 ||
+        -t "$RUNTIME_S" -m 0x1 "${huge_args[@]}" "$@" --json "$out" >"$WORK/bdevperf-$name.log" 2>&1 ||
         die "bdevperf on $method failed: $(tail -n 5 "$WORK/bdevperf-$name.log")"
     jq '.total.iops' "$out"
 }
@@ -100,16 +104,19 @@ ratio() {
     awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'
 }
 
-echo "running: fio libaio, Pollux aio, fio io_uring, Pollux uring (${RUNTIME_S} s each)..." >&2
+echo "running: fio libaio, Pollux aio, fio io_uring, Pollux uring, Pollux uring --interrupt-mode (${RUNTIME_S} s each)..." >&2
 fio_libaio=$(fio_iops libaio)
 pollux_aio=$(pollux_iops bdev_aio_create Aio0)
 fio_uring=$(fio_iops io_uring)
 pollux_uring=$(pollux_iops bdev_uring_create Uring0)
+pollux_uring_intr=$(pollux_iops bdev_uring_create UringIntr0 --interrupt-mode)
 
 cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 echo
 echo "randread ${IO_SIZE_BYTES} B, queue depth $QUEUE_DEPTH, 1 job on core 0, direct=$direct, ${RUNTIME_S} s"
 echo "file: $FILE (${SIZE_MIB} MiB); CPU: $cpu; kernel $(uname -r)"
-printf '%-10s %14s %14s %12s\n' engine "fio IOPS" "Pollux IOPS" "Pollux/fio"
-printf '%-10s %14.0f %14.0f %12s\n' aio "$fio_libaio" "$pollux_aio" "$(ratio "$pollux_aio" "$fio_libaio")"
-printf '%-10s %14.0f %14.0f %12s\n' io_uring "$fio_uring" "$pollux_uring" "$(ratio "$pollux_uring" "$fio_uring")"
+printf '%-20s %14s %14s %12s\n' engine "fio IOPS" "Pollux IOPS" "Pollux/fio"
+printf '%-20s %14.0f %14.0f %12s\n' aio "$fio_libaio" "$pollux_aio" "$(ratio "$pollux_aio" "$fio_libaio")"
+printf '%-20s %14.0f %14.0f %12s\n' io_uring "$fio_uring" "$pollux_uring" "$(ratio "$pollux_uring" "$fio_uring")"
+printf '%-20s %14.0f %14.0f %12s\n' "io_uring (interrupt)" "$fio_uring" "$pollux_uring_intr" \
+    "$(ratio "$pollux_uring_intr" "$fio_uring")"

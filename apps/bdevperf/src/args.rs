@@ -48,6 +48,11 @@ pub struct Args {
     /// Use locked anonymous memory instead of hugepages.
     #[arg(long = "no-huge")]
     pub no_huge: bool,
+    /// Interrupt mode (SPDK's `--interrupt-mode`): a reactor with nothing to do sleeps in
+    /// `epoll_wait` on its jobs' completion fds instead of busy-polling. Jobs on a bdev whose
+    /// channel has no completion fd keep polling while their I/O is in flight.
+    #[arg(long = "interrupt-mode")]
+    pub interrupt_mode: bool,
     /// Write the results as JSON to this file.
     #[arg(long = "json")]
     pub json: Option<PathBuf>,

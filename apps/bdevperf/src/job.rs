@@ -18,6 +18,18 @@ use pollux_reactor::{PollStatus, ThreadCtx};
 
 use crate::args::Workload;
 
+/// What wakes a job's thread when one of its I/Os completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wakeup {
+    /// Poll mode: the reactor never sleeps.
+    Polled,
+    /// Interrupt mode, the channel's completion fd registered: a poll that hands nothing out
+    /// is idle even with I/O in flight.
+    CompletionFd,
+    /// Interrupt mode on a channel without a completion fd: busy while I/O is in flight.
+    NoCompletionFd,
+}
+
 /// What a job is asked to do.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -114,6 +126,8 @@ pub struct Job {
     state: JobState,
     started: Instant,
     deadline: Instant,
+    /// What wakes this job's thread when an I/O completes.
+    wakeup: Wakeup,
 }
 
 fn setup_error(spec: &JobSpec, what: &str, error: impl std::fmt::Display) -> String {
@@ -227,6 +241,7 @@ impl Job {
             },
             started: now,
             deadline: now + run_time,
+            wakeup: Wakeup::Polled,
         })
     }
 
@@ -235,6 +250,20 @@ impl Job {
         for slot in 0..self.state.slots.len() {
             self.state.submit_next(&mut self.channel, slot);
         }
+    }
+
+    /// The channel's completion fd, if its module has one.
+    pub fn interrupt_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.channel.interrupt_fd()
+    }
+
+    pub fn index(&self) -> usize {
+        self.state.spec.index
+    }
+
+    /// Set once before [`Job::start`] (default: [`Wakeup::Polled`]).
+    pub fn set_wakeup(&mut self, wakeup: Wakeup) {
+        self.wakeup = wakeup;
     }
 
     /// The job's poller body.
@@ -247,14 +276,28 @@ impl Job {
         {
             state.draining = true;
         }
-        let handed = self
+        let mut handed = self
             .channel
             .poll(|channel, completion| state.on_complete(channel, completion));
+        // Completion callbacks resubmit; the module hands those to the kernel at its next
+        // poll, so a poll that handed something out is busy: the thread must not sleep
+        // before that poll. With a completion fd, make that poll now (one more at most,
+        // STYLE #4) so that the thread can sleep at once when it hands nothing out.
+        let mut busy = handed > 0;
+        if busy && self.wakeup == Wakeup::CompletionFd {
+            let again = self
+                .channel
+                .poll(|channel, completion| state.on_complete(channel, completion));
+            handed += again;
+            busy = again > 0;
+        }
         if handed > 0 {
             state.shared.progress_ios[state.spec.index].store(state.completed, Ordering::Relaxed);
         }
+        // Without a completion fd nothing but this poller notices a completion.
+        busy |= self.wakeup == Wakeup::NoCompletionFd && self.channel.outstanding() > 0;
         let finished = state.draining && self.channel.outstanding() == 0;
-        (PollStatus::from_busy(handed > 0), finished)
+        (PollStatus::from_busy(busy), finished)
     }
 
     /// Publishes the result (call once, after `poll` said finished).

@@ -12,6 +12,7 @@ mod args;
 mod job;
 mod report;
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -25,10 +26,10 @@ use pollux_bdev::BdevRegistry;
 use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
 use pollux_nvme::bdev::NvmeModule;
-use pollux_reactor::{send_msg, App, AppConfig, PollStatus, PollerId, ThreadCtx};
+use pollux_reactor::{send_msg, App, AppConfig, InterruptId, PollStatus, PollerId, ThreadCtx};
 
 use crate::args::Args;
-use crate::job::{Job, JobSpec, RunShared};
+use crate::job::{Job, JobSpec, RunShared, Wakeup};
 
 /// The default bdev when no `-c` is given.
 const DEFAULT_MALLOC_NAME: &str = "Malloc0";
@@ -196,6 +197,7 @@ fn run(args: &Args) -> Result<bool, String> {
     let app = App::new(AppConfig {
         name: "bdevperf".to_string(),
         cpumask,
+        interrupt_mode: args.interrupt_mode,
         ..AppConfig::default()
     })
     .map_err(|e| e.to_string())?;
@@ -313,6 +315,26 @@ fn start_jobs(ctx: &mut ThreadCtx, specs: Vec<JobSpec>, shared: Arc<RunShared>) 
                 continue;
             }
         };
+        // Interrupt mode: the channel's completion fd wakes this thread; its callback only
+        // consumes the event, and the job's poller (which runs after interrupt callbacks in
+        // the same thread poll) reaps. The fd is a dup, so the job keeps owning the channel.
+        let interrupt_mode = ctx.app().interrupt_mode();
+        let interrupt = if interrupt_mode {
+            match register_job_interrupt(ctx, &job) {
+                Ok(interrupt) => interrupt,
+                Err(error) => {
+                    job::publish_setup_failure(ctx, &shared, spec, error);
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        job.set_wakeup(match (interrupt_mode, interrupt) {
+            (false, _) => Wakeup::Polled,
+            (true, Some(_)) => Wakeup::CompletionFd,
+            (true, None) => Wakeup::NoCompletionFd,
+        });
         job.start();
         let own_id: Arc<OnceLock<PollerId>> = Arc::new(OnceLock::new());
         let id_in_poller = own_id.clone();
@@ -329,9 +351,45 @@ fn start_jobs(ctx: &mut ThreadCtx, specs: Vec<JobSpec>, shared: Arc<RunShared>) 
                 if let Some(id) = id_in_poller.get() {
                     ctx.unregister_poller(*id);
                 }
+                if let Some(interrupt) = interrupt {
+                    ctx.unregister_interrupt_fd(interrupt);
+                }
             }
             status
         });
         let _ = own_id.set(id);
+    }
+}
+
+/// Registers `job`'s completion fd with this thread (interrupt mode). `Ok(None)`: its channel
+/// has none, so the job keeps polling while I/O is in flight.
+fn register_job_interrupt(ctx: &mut ThreadCtx, job: &Job) -> Result<Option<InterruptId>, String> {
+    let Some(fd) = job.interrupt_fd() else {
+        return Ok(None);
+    };
+    let name = format!("job{}", job.index());
+    let fd = fd
+        .try_clone_to_owned()
+        .map_err(|e| format!("{name}: duplicating its completion fd: {e}"))?;
+    let id = ctx
+        .register_interrupt_fd(&name, fd, |_ctx, fd| {
+            drain_eventfd(fd);
+            // Idle: the job's poller, run next in this thread poll, says whether it reaped.
+            PollStatus::Idle
+        })
+        .map_err(|e| format!("{name}: registering its completion fd: {e}"))?;
+    Ok(Some(id))
+}
+
+/// Resets an eventfd's counter (non-blocking: EAGAIN when it was already zero).
+fn drain_eventfd(fd: &OwnedFd) {
+    let mut count = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live local array from an fd this closure owns.
+    let read = unsafe { libc::read(fd.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
+    if read < 0 {
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::WouldBlock {
+            tracing::warn!(%error, "bdevperf: draining a completion eventfd");
+        }
     }
 }

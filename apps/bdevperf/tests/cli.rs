@@ -131,6 +131,62 @@ fn null_config_randread_with_target() {
     );
 }
 
+/// Interrupt mode: uring jobs sleep on their ring's completion eventfd, malloc jobs (no fd)
+/// keep polling while I/O is in flight; both must finish their runs with no I/O lost.
+#[test]
+fn interrupt_mode_runs_uring_randread_and_malloc_verify() {
+    let file = temp_file("interrupt-uring.img");
+    std::fs::write(&file, vec![0u8; 4 << 20]).expect("backing file");
+    let config_path = temp_file("interrupt-uring.json");
+    let uring_config = serde_json::json!({ "subsystems": [{ "subsystem": "bdev", "config": [
+        { "method": "bdev_uring_create",
+          "params": { "name": "Uring0", "filename": file.display().to_string(), "block_size": 4096 } }
+    ]}]});
+    std::fs::write(&config_path, uring_config.to_string()).expect("config file");
+    let config_arg = config_path.display().to_string();
+    let uring = bdevperf(&[
+        "-q",
+        "32",
+        "-o",
+        "4k",
+        "-w",
+        "randread",
+        "-t",
+        "1",
+        "-c",
+        &config_arg,
+        "--no-huge",
+        "--interrupt-mode",
+    ]);
+    let _ = std::fs::remove_file(&config_path);
+    let _ = std::fs::remove_file(&file);
+    let (stdout, stderr) = text(&uring);
+    assert!(
+        uring.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("Job: Uring0 (Core Mask 0x1)"), "{stdout}");
+
+    let verify = bdevperf(&[
+        "-q",
+        "8",
+        "-o",
+        "4k",
+        "-w",
+        "verify",
+        "-t",
+        "1",
+        "--no-huge",
+        "--interrupt-mode",
+    ]);
+    let (stdout, stderr) = text(&verify);
+    assert!(
+        verify.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("Job: Malloc0 (Core Mask 0x1)"), "{stdout}");
+}
+
 #[test]
 fn every_workload_runs_on_malloc() {
     let malloc = config("malloc.json");

@@ -19,6 +19,7 @@
 //!
 //! A channel is `Send` (it may be moved into a poller) but not `Sync`.
 
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -156,6 +157,14 @@ impl BdevChannel {
     /// This channel's statistics so far.
     pub fn stats(&self) -> &IoStats {
         &self.stats
+    }
+
+    /// The module's completion fd, if it has one (see
+    /// [`BackendChannel::interrupt_fd`](crate::module::BackendChannel::interrupt_fd)): an
+    /// interrupt-mode owner registers it with its reactor and may stop polling while it is
+    /// not readable. `None`: keep polling while I/O is outstanding.
+    pub fn interrupt_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.module.interrupt_fd()
     }
 
     /// Reads `num_blocks` blocks at `offset_blocks` into `iovs`.

@@ -5,7 +5,8 @@
 //!   [`create_channel`](BdevBackend::create_channel) and
 //!   [`write_config`](BdevBackend::write_config) (so that `save_config` can rebuild the bdev);
 //! - [`BackendChannel`], one per [`BdevChannel`](crate::BdevChannel), owned by one thread:
-//!   [`submit`](BackendChannel::submit) and [`poll`](BackendChannel::poll).
+//!   [`submit`](BackendChannel::submit) and [`poll`](BackendChannel::poll), and optionally
+//!   [`interrupt_fd`](BackendChannel::interrupt_fd) for interrupt-mode apps.
 //!
 //! The bdev layer has already checked every request it hands a module: the type is supported,
 //! the block range lies inside the bdev, the iovecs add up to `num_blocks * block_size` and
@@ -73,6 +74,7 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::os::fd::BorrowedFd;
 
 use crate::error::BdevError;
 use crate::types::{BdevInfo, IoStatus, IoType, IoVec};
@@ -124,6 +126,19 @@ pub trait BackendChannel: Send {
     fn poll(&mut self, done: &mut CompletionQueue) -> usize {
         let _ = done;
         0
+    }
+
+    /// An fd that turns readable when a completion may be waiting for [`poll`](Self::poll),
+    /// so that an interrupt-mode reactor can sleep while I/O is in flight (SPDK's
+    /// `spdk_interrupt_register` on a module's eventfd). `None` (the default): completions
+    /// raise no event, and an owner with I/O outstanding must keep polling.
+    ///
+    /// A module that returns an fd guarantees that, once `poll` returned, everything queued
+    /// was handed to the device or kernel, or the fd is readable: sleeping until the fd is
+    /// readable loses no I/O. The owner consumes the readiness (for an eventfd, a read)
+    /// before it polls.
+    fn interrupt_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
     }
 }
 
