@@ -496,8 +496,7 @@ impl<R: Registers> QueuePair<R> {
         lba: u64,
         nblocks: u32,
     ) -> Result<(), NvmeError> {
-        let mut command = lba_command(opc::WRITE_ZEROES, ns, lba, nblocks)?;
-        command.nsid = ns.nsid();
+        let command = lba_command(opc::WRITE_ZEROES, ns, lba, nblocks)?;
         self.submit_command(tag, command, &[], 0)
     }
 
