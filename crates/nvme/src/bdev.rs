@@ -33,6 +33,7 @@
 //! parse function is a plain `fn` (the bdev layer's interface), so the state it creates must
 //! be reachable without a context argument. Tests may build their own [`NvmeModule`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 
 use pollux_bdev::config::{CreateContext, MethodTable, Params, PendingBdev};
@@ -371,6 +372,8 @@ struct NvmeCtrlr<R: Registers> {
     options: AttachOptions,
     ctrlr: Mutex<Controller<R>>,
     bdev_names: Vec<String>,
+    /// Requests of closed channels that went through a bounce buffer (zero copy failed).
+    bounced: AtomicU64,
 }
 
 /// What the module keeps of an attached controller, whatever its register access.
@@ -380,6 +383,8 @@ trait AttachedCtrlr: Send + Sync {
     /// Admin poll; `None` when the controller was busy (locked by a channel being set up).
     fn poll_admin(&self) -> Option<Result<u32, NvmeError>>;
     fn state(&self) -> ControllerState;
+    /// Bounced requests of the channels closed so far.
+    fn bounced(&self) -> u64;
 }
 
 impl<R: Registers + 'static> AttachedCtrlr for NvmeCtrlr<R> {
@@ -389,6 +394,10 @@ impl<R: Registers + 'static> AttachedCtrlr for NvmeCtrlr<R> {
 
     fn bdev_names(&self) -> &[String] {
         &self.bdev_names
+    }
+
+    fn bounced(&self) -> u64 {
+        self.bounced.load(Ordering::Relaxed)
     }
 
     fn poll_admin(&self) -> Option<Result<u32, NvmeError>> {
@@ -515,6 +524,7 @@ impl NvmeModule {
             options,
             ctrlr: Mutex::new(ctrlr),
             bdev_names,
+            bounced: AtomicU64::new(0),
         });
         let mut infos = Vec::with_capacity(namespaces.len());
         for (index, ns) in namespaces.into_iter().enumerate() {
@@ -586,6 +596,15 @@ impl NvmeModule {
             "nvme: controller detached (shut down once its bdevs and channels are gone)"
         );
         Ok(())
+    }
+
+    /// Requests of `name`'s closed channels that went through a bounce buffer instead of
+    /// zero copy (`None`: no such controller).
+    pub fn bounced_requests(&self, name: &str) -> Option<u64> {
+        lock(&self.controllers)
+            .iter()
+            .find(|c| c.name() == name)
+            .map(|c| c.bounced())
     }
 
     /// Detaches every controller (at app exit, after the I/O stopped).
@@ -869,6 +888,19 @@ impl<R: Registers> Drop for NvmeChannel<R> {
         };
         let in_flight = qpair.in_flight();
         let qid = qpair.qid();
+        let stats = qpair.stats();
+        self.ctrlr
+            .bounced
+            .fetch_add(stats.bounced, Ordering::Relaxed);
+        tracing::info!(
+            bdev = %self.bdev_name,
+            qid,
+            submitted = stats.submitted,
+            prp_lists = stats.prp_lists,
+            sgls = stats.sgls,
+            bounced = stats.bounced,
+            "nvme: channel closed"
+        );
         // Setup path: deleting the queues is an admin command. Once Delete I/O SQ completed
         // the controller touches none of its commands' buffers (NVMe Base 2.0, 5.7).
         let mut ctrlr = lock(&self.ctrlr.ctrlr);

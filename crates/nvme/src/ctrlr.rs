@@ -213,6 +213,9 @@ impl<R: Registers> Controller<R> {
             depth: admin_entries - 1,
             list_pages: 1,
             timeout: None,
+            // Admin commands carry driver-owned DMA buffers: never bounced.
+            bounce_buffers: 0,
+            bounce_buffer_bytes: 0,
         };
         let admin = QueuePair::new(
             Arc::clone(&regs),

@@ -60,8 +60,8 @@ pub enum NvmeError {
     #[error("invalid request: {reason}")]
     InvalidRequest { reason: &'static str },
     #[error(
-        "iovecs break the PRP rules ({reason}) and the controller does not support SGLs \
-         (bounce buffers not implemented)"
+        "iovecs cannot go zero copy ({reason}: PRP rules broken without SGL support, or memory \
+         not registered) and no bounce buffer fits"
     )]
     NotPrpCompatible { reason: &'static str },
     #[error("transfer of {len_bytes} bytes needs more than the {max_entries} descriptors preallocated per request")]

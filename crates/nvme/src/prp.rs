@@ -11,8 +11,9 @@
 //! - **SGL data block descriptors** when the PRP rules are broken and the controller supports
 //!   SGLs (Identify Controller SGLS): one descriptor inline in DPTR, or a Last Segment
 //!   descriptor pointing to a descriptor list.
-//! - Otherwise an error ([`NvmeError::NotPrpCompatible`]). A bounce buffer for this last case
-//!   is not implemented (TODO): the bdev layer's alignment requirement avoids it in practice.
+//! - Otherwise an error ([`NvmeError::NotPrpCompatible`]), on which the queue pair copies the
+//!   data through one of its bounce buffers (`QueuePairOptions::bounce_buffers`, counted in
+//!   `QpairStats::bounced`); it does the same for memory outside the translation map.
 //!
 //! List pages are the request's own preallocated area ([`ListArea`]), so nothing is allocated
 //! per I/O.

@@ -160,6 +160,8 @@ pub(crate) struct Rings {
     pub sq: DmaBuffer,
     pub cq: DmaBuffer,
     pub lists: DmaBuffer,
+    /// `bounce_buffers` buffers of `bounce_buffer_bytes` (see [`QueuePairOptions`]).
+    pub bounce: DmaBuffer,
 }
 
 /// How to build a queue pair.
@@ -173,6 +175,12 @@ pub struct QueuePairOptions {
     pub list_pages: u16,
     /// Per-command timeout (abort after one, reset after two); `None` disables it.
     pub timeout: Option<Duration>,
+    /// Bounce buffers, for the rare request whose iovecs fit neither PRPs nor (on a
+    /// controller without them) SGLs, or lie outside registered memory: its data is copied
+    /// through one of these (counted in [`QpairStats::bounced`]). 0 refuses such requests.
+    pub bounce_buffers: u16,
+    /// Bytes of each bounce buffer: a bounced request may be at most this long.
+    pub bounce_buffer_bytes: u32,
 }
 
 impl Default for QueuePairOptions {
@@ -182,6 +190,8 @@ impl Default for QueuePairOptions {
             depth: 256,
             list_pages: 1,
             timeout: Some(Duration::from_secs(30)),
+            bounce_buffers: 2,
+            bounce_buffer_bytes: 128 * 1024,
         }
     }
 }
@@ -203,7 +213,7 @@ pub struct QpairStats {
     pub cq_shadow_updates: u64,
     pub prp_lists: u64,
     pub sgls: u64,
-    /// Always 0: bounce buffers are not implemented (see [`crate::prp`]).
+    /// Requests whose data went through a bounce buffer (one copy) instead of zero copy.
     pub bounced: u64,
     pub bad_completions: u64,
     pub timeouts: u64,
@@ -234,6 +244,22 @@ struct Slot {
     abort_requested: bool,
     /// Exempt from timeouts (the admin queue's Asynchronous Event Request).
     no_timeout: bool,
+    /// The bounce buffer this request holds, or [`NO_BOUNCE`].
+    bounce: u16,
+}
+
+/// [`Slot::bounce`] of a request that transfers zero copy.
+const NO_BOUNCE: u16 = u16::MAX;
+/// The most iovecs a bounced request may have (their list is kept for the copy back).
+const BOUNCE_IOVS_MAX: usize = 256;
+
+/// One bounce buffer's request: where the data goes back to, and whether it does.
+#[derive(Debug)]
+struct BounceUse {
+    /// Copy the buffer into `iovs` when the command succeeds (controller-to-host data).
+    copy_back: bool,
+    /// Capacity [`BOUNCE_IOVS_MAX`], reserved up front: refilled without allocating.
+    iovs: Vec<IoVec>,
 }
 
 const EMPTY_SLOT: Slot = Slot {
@@ -244,6 +270,7 @@ const EMPTY_SLOT: Slot = Slot {
     seen_at: None,
     abort_requested: false,
     no_timeout: false,
+    bounce: NO_BOUNCE,
 };
 
 /// The status a request gets when its queue pair is torn down under it.
@@ -285,6 +312,10 @@ pub struct QueuePair<R: Registers> {
     waiting: VecDeque<u16>,
     list_pages: usize,
     sgl_supported: bool,
+    bounce_iova: u64,
+    bounce_buffer_bytes: usize,
+    bounce_free: Vec<u16>,
+    bounce_uses: Vec<BounceUse>,
     timeout: Option<Duration>,
     last_timeout_check: Option<Instant>,
     outstanding: u16,
@@ -332,6 +363,19 @@ impl<R: Registers> QueuePair<R> {
         let lists = dma
             .alloc(usize::from(options.depth) * list_pages * page, page, None)
             .map_err(NvmeError::dma("PRP lists"))?;
+        if options.bounce_buffers == NO_BOUNCE {
+            return Err(NvmeError::InvalidRequest {
+                reason: "at most 65534 bounce buffers",
+            });
+        }
+        let bounce_buffer_bytes = (options.bounce_buffer_bytes as usize).next_multiple_of(page);
+        let bounce = dma
+            .alloc(
+                (usize::from(options.bounce_buffers) * bounce_buffer_bytes).max(page),
+                page,
+                None,
+            )
+            .map_err(NvmeError::dma("bounce buffers"))?;
         let stride = shared.doorbell_stride_bytes;
         let generation = shared.generation.load(Ordering::Acquire);
         let mut qpair = Self {
@@ -341,7 +385,13 @@ impl<R: Registers> QueuePair<R> {
             qid,
             generation,
             disconnected: false,
-            rings: Some(Rings { qid, sq, cq, lists }),
+            rings: Some(Rings {
+                qid,
+                sq,
+                cq,
+                lists,
+                bounce,
+            }),
             sq_iova: 0,
             cq_iova: 0,
             lists_iova: 0,
@@ -361,6 +411,15 @@ impl<R: Registers> QueuePair<R> {
             waiting: VecDeque::with_capacity(usize::from(options.depth)),
             list_pages,
             sgl_supported,
+            bounce_iova: 0,
+            bounce_buffer_bytes,
+            bounce_free: (0..options.bounce_buffers).rev().collect(),
+            bounce_uses: (0..options.bounce_buffers)
+                .map(|_| BounceUse {
+                    copy_back: false,
+                    iovs: Vec::with_capacity(BOUNCE_IOVS_MAX),
+                })
+                .collect(),
             timeout: options.timeout,
             last_timeout_check: None,
             outstanding: 0,
@@ -391,6 +450,10 @@ impl<R: Registers> QueuePair<R> {
             .iova()
             .map_err(NvmeError::dma("completion queue"))?;
         self.lists_iova = rings.lists.iova().map_err(NvmeError::dma("PRP lists"))?;
+        self.bounce_iova = rings
+            .bounce
+            .iova()
+            .map_err(NvmeError::dma("bounce buffers"))?;
         self.sq_tail = 0;
         self.sq_head = 0;
         self.cq_head = 0;
@@ -581,7 +644,20 @@ impl<R: Registers> QueuePair<R> {
         self.check_usable()?;
         let cid = self.take_slot()?;
         if !iovs.is_empty() || len_bytes != 0 {
-            match self.build_data_pointer(cid, iovs, len_bytes) {
+            let built = match self.build_data_pointer(cid, iovs, len_bytes) {
+                Err(NvmeError::NotPrpCompatible { reason }) => {
+                    self.bounce(cid, command.opcode, iovs, len_bytes, reason)
+                }
+                Err(NvmeError::Translation { .. }) => self.bounce(
+                    cid,
+                    command.opcode,
+                    iovs,
+                    len_bytes,
+                    "memory not registered",
+                ),
+                built => built,
+            };
+            match built {
                 Ok(pointer) => {
                     command.psdt = if pointer.is_sgl() {
                         Psdt::SglMptrAddress
@@ -591,6 +667,7 @@ impl<R: Registers> QueuePair<R> {
                     command.dptr = pointer.dptr();
                 }
                 Err(error) => {
+                    self.release_bounce(cid);
                     self.free.push(cid);
                     return Err(error);
                 }
@@ -656,6 +733,143 @@ impl<R: Registers> QueuePair<R> {
             prp::DataPointer::Prp { .. } => {}
         }
         Ok(pointer)
+    }
+
+    /// Copies the data of a request that cannot go zero copy through a bounce buffer: in now
+    /// for host-to-controller data, back at completion for controller-to-host data (the
+    /// opcode's direction bits, NVMe Base 2.0 figure 89). `reason` says why zero copy failed.
+    fn bounce(
+        &mut self,
+        cid: u16,
+        opcode: u8,
+        iovs: &[IoVec],
+        len_bytes: u64,
+        reason: &'static str,
+    ) -> Result<prp::DataPointer, NvmeError> {
+        let refuse = |detail: &'static str| {
+            tracing::debug!(
+                reason,
+                detail,
+                "nvme: request can be neither zero copy nor bounced"
+            );
+            NvmeError::NotPrpCompatible { reason }
+        };
+        if len_bytes > self.bounce_buffer_bytes as u64 || iovs.len() > BOUNCE_IOVS_MAX {
+            return Err(refuse("larger than a bounce buffer"));
+        }
+        let Some(&index) = self.bounce_free.last() else {
+            return Err(refuse("every bounce buffer is in use"));
+        };
+        let Some(rings) = self.rings.as_mut() else {
+            return Err(NvmeError::Disconnected { qid: self.qid });
+        };
+        let base = usize::from(index) * self.bounce_buffer_bytes;
+        let host_to_controller = opcode & 1 != 0;
+        if host_to_controller {
+            let mut offset = base;
+            for iov in iovs {
+                // SAFETY: `IoVec::new`'s contract: the range is valid, mapped and touched by
+                // nobody else until this command completes, so reading it here is sound; it
+                // is copied into DMA memory through env's volatile accessor.
+                let source =
+                    unsafe { std::slice::from_raw_parts(iov.addr() as *const u8, iov.len_bytes()) };
+                rings
+                    .bounce
+                    .write_at(offset, source)
+                    .map_err(NvmeError::dma("bounce buffer"))?;
+                offset += iov.len_bytes();
+            }
+        }
+        self.bounce_free.pop();
+        let bounce_use = &mut self.bounce_uses[usize::from(index)];
+        bounce_use.copy_back = opcode & 2 != 0;
+        bounce_use.iovs.clear();
+        bounce_use.iovs.extend_from_slice(iovs);
+        self.slots[usize::from(cid)].bounce = index;
+        self.stats.bounced += 1;
+        let iova = self.bounce_iova + base as u64;
+        let page = self.shared.page_size_bytes;
+        // One contiguous, page-aligned range: PRP1, plus PRP2 or the slot's list page.
+        let Some(rings) = self.rings.as_mut() else {
+            return Err(NvmeError::Disconnected { qid: self.qid });
+        };
+        let list_offset = usize::from(cid) * self.list_pages * page as usize;
+        let pages = len_bytes.div_ceil(page);
+        let pointer = match pages {
+            1 => prp::DataPointer::Prp {
+                prp1: iova,
+                prp2: 0,
+            },
+            2 => prp::DataPointer::Prp {
+                prp1: iova,
+                prp2: iova + page,
+            },
+            _ => {
+                let entries = (pages - 1) as usize;
+                if entries > self.list_pages * (page as usize / 8 - 1) {
+                    self.release_bounce(cid);
+                    return Err(refuse("more pages than the list area holds"));
+                }
+                let mut words = [0u64; 1];
+                for entry in 0..entries {
+                    // Chained list pages: a page's last slot points to the next page.
+                    let per_page = page as usize / 8;
+                    let (list_page, slot) = (entry / (per_page - 1), entry % (per_page - 1));
+                    if slot == 0 && list_page > 0 {
+                        words[0] = self.lists_iova + (list_offset as u64) + list_page as u64 * page;
+                        rings
+                            .lists
+                            .write_u64s_at(list_offset + (list_page * per_page - 1) * 8, &words)
+                            .map_err(NvmeError::dma("PRP list"))?;
+                    }
+                    words[0] = iova + (entry as u64 + 1) * page;
+                    rings
+                        .lists
+                        .write_u64s_at(list_offset + (list_page * per_page + slot) * 8, &words)
+                        .map_err(NvmeError::dma("PRP list"))?;
+                }
+                prp::DataPointer::Prp {
+                    prp1: iova,
+                    prp2: self.lists_iova + list_offset as u64,
+                }
+            }
+        };
+        Ok(pointer)
+    }
+
+    /// Copies a finished bounced read back into its iovecs and frees the bounce buffer.
+    fn finish_bounce(&mut self, cid: u16, success: bool) {
+        let index = self.slots[usize::from(cid)].bounce;
+        if index == NO_BOUNCE {
+            return;
+        }
+        let bounce_use = &self.bounce_uses[usize::from(index)];
+        if success && bounce_use.copy_back {
+            if let Some(rings) = self.rings.as_ref() {
+                let mut offset = usize::from(index) * self.bounce_buffer_bytes;
+                for iov in &bounce_use.iovs {
+                    // SAFETY: `IoVec::new`'s contract: the caller's range is valid and
+                    // touched by nobody else until this completion is handed back, which
+                    // happens only after this copy.
+                    let target = unsafe {
+                        std::slice::from_raw_parts_mut(iov.addr() as *mut u8, iov.len_bytes())
+                    };
+                    if let Err(error) = rings.bounce.read_at(offset, target) {
+                        tracing::error!(%error, "nvme: bounce buffer copy back failed");
+                    }
+                    offset += iov.len_bytes();
+                }
+            }
+        }
+        self.release_bounce(cid);
+    }
+
+    fn release_bounce(&mut self, cid: u16) {
+        let slot = &mut self.slots[usize::from(cid)];
+        if slot.bounce != NO_BOUNCE {
+            self.bounce_free.push(slot.bounce);
+            slot.bounce = NO_BOUNCE;
+        }
     }
 
     /// Puts a built command in the SQ, or in the software queue when the SQ is full.
@@ -821,6 +1035,9 @@ impl<R: Registers> QueuePair<R> {
             }
             self.sq_head = completion.sq_head;
             let cid = usize::from(completion.cid);
+            if self.slots[cid].bounce != NO_BOUNCE {
+                self.finish_bounce(completion.cid, completion.status.is_success());
+            }
             let tag = self.slots[cid].tag;
             self.slots[cid].state = SlotState::Free;
             self.outstanding -= 1;
@@ -906,6 +1123,7 @@ impl<R: Registers> QueuePair<R> {
                 continue;
             }
             self.slots[cid].state = SlotState::Free;
+            self.release_bounce(cid as u16);
             self.free.push(cid as u16);
             failed += 1;
             let completion = Completion {

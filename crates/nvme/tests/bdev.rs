@@ -211,6 +211,22 @@ fn read_write_flush_write_zeroes_unmap_reach_the_namespace() {
             .read_namespace(2, (20 + index) * 4096, &mut block));
         assert!(block.iter().all(|b| *b == index as u8 + 1));
     }
+
+    // Everything above went zero copy; a read into unregistered heap memory is bounced.
+    assert_eq!(setup.module.bounced_requests("Nvme0"), Some(0));
+    let mut heap = vec![0u8; 4096];
+    // SAFETY: `heap` outlives the read (completed by `one` below) and is not touched meanwhile.
+    let heap_iov = unsafe { IoVec::new(heap.as_mut_ptr(), heap.len()) };
+    channel.read(6, 20, 1, &[heap_iov]).expect("read");
+    assert_eq!(one(&mut channel), IoStatus::Success);
+    assert!(heap.iter().all(|b| *b == 1), "bounced read copied back");
+    drop(channel);
+    assert_eq!(
+        setup.module.bounced_requests("Nvme0"),
+        Some(1),
+        "closed channels report their bounced requests"
+    );
+    assert_eq!(setup.module.bounced_requests("Nvme9"), None);
 }
 
 #[test]
