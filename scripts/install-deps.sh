@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Pollux needs to build (hwloc for topology, through hwlocality)
-# and, with --test, to run its checks (shellcheck). Installs only what is missing.
+# and, with --test, to run its checks (shellcheck; qemu-system-common for qemu-storage-daemon,
+# the vhost-user-blk back-end of crates/virtio's tests). Installs only what is missing.
 # The QEMU packages and the guest kernel are scripts/vm-test.sh's business.
 set -euo pipefail
 
 packages=(libhwloc-dev libudev-dev pkg-config)
-[[ ${1:-} == --test ]] && packages+=(shellcheck)
+[[ ${1:-} == --test ]] && packages+=(shellcheck qemu-system-common)
 
 missing=()
 for package in "${packages[@]}"; do

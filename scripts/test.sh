@@ -28,6 +28,9 @@ shellcheck --shell=bash scripts/vm/*.conf
 step "scripts/setup.sh decisions on fake sysfs trees"
 bash tests/setup/run.sh
 
+step "cargo build --workspace --bins (pollux-vhost for crates/virtio's tests)"
+cargo build --workspace --bins
+
 step "cargo tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --no-fail-fast

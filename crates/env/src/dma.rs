@@ -3,11 +3,16 @@
 //!
 //! # Backing
 //!
-//! - **2 MiB hugepages** (`MAP_HUGETLB | MAP_HUGE_2MB`), unless [`DmaConfig::no_huge`]:
-//!   hugetlb pages are never swapped nor migrated, and a 2 MiB page needs one IOTLB entry.
-//!   Tried first; when the host has too few free hugepages the kernel refuses the mapping
-//!   and the reservation falls back to the next backing (logged).
-//! - **Anonymous memory locked with `mlock`**: 2 MiB aligned, locked so that it stays
+//! Both backings are one **memfd** mapped `MAP_SHARED`, so that another process can map the
+//! same pages: a vhost-user back-end maps the initiator's memory from the fd and offset given
+//! in SET_MEM_TABLE ([`DmaMemory::shared_regions`]). One reservation is one file and one
+//! region (back-ends accept as few as 8 regions; a file per hugepage would not do).
+//!
+//! - **2 MiB hugepages** (`memfd_create(MFD_HUGETLB | MFD_HUGE_2MB)`), unless
+//!   [`DmaConfig::no_huge`]: hugetlb pages are never swapped nor migrated, and a 2 MiB page
+//!   needs one IOTLB entry. Tried first; when the host has too few free hugepages the kernel
+//!   refuses the mapping and the reservation falls back to the next backing (logged).
+//! - **A plain memfd locked with `mlock`**: 2 MiB aligned, locked so that it stays
 //!   resident and never goes to swap. What keeps the *physical* pages stable while a device
 //!   uses them is the IOMMU mapping (VFIO pins the pages it maps); Pollux never hands a
 //!   physical address to a device, only IOVAs, so page migration outside a mapping is harmless.
@@ -39,6 +44,7 @@
 
 use std::fmt;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::memmap::{MemMap, TranslationError};
@@ -50,9 +56,8 @@ pub const RESERVATION_ALIGN_BYTES: usize = 2 * MIB;
 /// Allocation quantum: sizes and alignments are rounded up to one cache line.
 pub const GRANULE_BYTES: usize = 64;
 
-/// `MAP_HUGE_2MB` (log2(2 MiB) = 21 shifted by `MAP_HUGE_SHIFT` = 26, see mmap(2)); the
-/// `libc` crate only defines it for musl.
-const MAP_HUGE_2MB: libc::c_int = 21 << 26;
+/// `MFD_HUGE_2MB` (log2(2 MiB) = 21 shifted by `MFD_HUGE_SHIFT` = 26, see memfd_create(2)).
+const MFD_HUGE_2MB: libc::c_uint = 21 << 26;
 
 /// Why DMA memory could not be reserved, allocated or accessed.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +66,12 @@ pub enum DmaError {
     ZeroSize { size_mib: usize },
     #[error("DMA memory size of {size_mib} MiB does not fit in the address space")]
     SizeTooLarge { size_mib: usize },
+    #[error("could not create a {len_bytes}-byte memfd for DMA memory")]
+    Memfd {
+        len_bytes: usize,
+        #[source]
+        source: io::Error,
+    },
     #[error("could not map {len_bytes} bytes of anonymous memory for DMA")]
     Map {
         len_bytes: usize,
@@ -149,11 +160,23 @@ impl std::ops::Deref for MemMapRef {
     }
 }
 
-/// One mmap'ed range, unmapped on drop.
+/// One mmap'ed range of a memfd, unmapped on drop (the fd closes after).
 struct Reservation {
     vaddr: usize,
     len_bytes: usize,
     hugepage_backed: bool,
+    /// The file the range maps, from offset 0 (see [`DmaMemory::shared_regions`]).
+    memfd: OwnedFd,
+}
+
+/// One range of DMA memory as another process maps it: `len_bytes` of `fd` from
+/// `fd_offset_bytes` hold what this process sees at `vaddr` (vhost-user's SET_MEM_TABLE).
+#[derive(Debug, Clone, Copy)]
+pub struct SharedRegion<'a> {
+    pub vaddr: u64,
+    pub len_bytes: u64,
+    pub fd: BorrowedFd<'a>,
+    pub fd_offset_bytes: u64,
 }
 
 impl Drop for Reservation {
@@ -350,6 +373,26 @@ impl DmaMemory {
         self.reservation.len_bytes
     }
 
+    /// The file-backed ranges that make up this memory (one: the whole reservation), for
+    /// sharing it with another process, as a vhost-user front-end does. The fds stay owned
+    /// by this memory; a receiver gets its own copy through `SCM_RIGHTS`.
+    pub fn shared_regions(&self) -> Vec<SharedRegion<'_>> {
+        vec![SharedRegion {
+            vaddr: self.reservation.vaddr as u64,
+            len_bytes: self.reservation.len_bytes as u64,
+            fd: self.reservation.memfd.as_fd(),
+            fd_offset_bytes: 0,
+        }]
+    }
+
+    /// Whether `[vaddr, vaddr + len_bytes)` lies inside this memory.
+    #[inline]
+    pub fn contains(&self, vaddr: u64, len_bytes: u64) -> bool {
+        let start = self.reservation.vaddr as u64;
+        let end = start + self.reservation.len_bytes as u64;
+        vaddr >= start && vaddr.checked_add(len_bytes).is_some_and(|e| e <= end)
+    }
+
     /// Bytes not allocated right now.
     pub fn free_bytes(&self) -> usize {
         self.lock_free_list().free_bytes
@@ -447,21 +490,37 @@ fn reserve(len_bytes: usize, no_huge: bool) -> Result<Reservation, DmaError> {
     reserve_locked_anonymous(len_bytes)
 }
 
+/// A memfd of `len_bytes` (`MFD_CLOEXEC`, plus `extra_flags`).
+fn create_memfd(len_bytes: usize, extra_flags: libc::c_uint) -> io::Result<OwnedFd> {
+    // SAFETY: the name is a NUL-terminated literal; memfd_create returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"pollux-dma".as_ptr(), libc::MFD_CLOEXEC | extra_flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = libc::off_t::try_from(len_bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "size exceeds off_t"))?;
+    // SAFETY: ftruncate on an fd this function owns.
+    if unsafe { libc::ftruncate(memfd.as_raw_fd(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(memfd)
+}
+
 fn reserve_hugepages(len_bytes: usize) -> io::Result<Reservation> {
-    // SAFETY: a fresh private anonymous mapping at an address the kernel chooses; it aliases
-    // nothing. `MAP_POPULATE` makes the kernel fault every page in now, so that a shortage
-    // shows here and not as SIGBUS on first touch.
+    let memfd = create_memfd(len_bytes, libc::MFD_HUGETLB | MFD_HUGE_2MB)?;
+    // SAFETY: a fresh shared mapping of a file this function created, at an address the
+    // kernel chooses; it aliases nothing in this process. hugetlb mappings are 2 MiB aligned.
+    // `MAP_POPULATE` makes the kernel fault every page in now, so that a shortage shows
+    // here and not as SIGBUS on first touch.
     let address = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len_bytes,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE
-                | libc::MAP_ANONYMOUS
-                | libc::MAP_HUGETLB
-                | MAP_HUGE_2MB
-                | libc::MAP_POPULATE,
-            -1,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            memfd.as_raw_fd(),
             0,
         )
     };
@@ -472,23 +531,26 @@ fn reserve_hugepages(len_bytes: usize) -> io::Result<Reservation> {
         vaddr: address as usize,
         len_bytes,
         hugepage_backed: true,
+        memfd,
     };
     dont_fork(&reservation);
     Ok(reservation)
 }
 
 fn reserve_locked_anonymous(len_bytes: usize) -> Result<Reservation, DmaError> {
-    // Over-reserve by one alignment unit, then trim head and tail to get 2 MiB alignment
-    // (mmap only guarantees page alignment).
+    let memfd =
+        create_memfd(len_bytes, 0).map_err(|source| DmaError::Memfd { len_bytes, source })?;
+    // Reserve address space one alignment unit larger, map the memfd over its 2 MiB aligned
+    // part, then trim head and tail (mmap only guarantees page alignment).
     let mapped_len_bytes = len_bytes + RESERVATION_ALIGN_BYTES;
-    // SAFETY: a fresh private anonymous mapping at an address the kernel chooses; it aliases
-    // nothing. Not populated yet: `mlock` below faults in exactly the pages kept.
+    // SAFETY: a fresh inaccessible anonymous mapping at an address the kernel chooses; it
+    // aliases nothing and only reserves the range.
     let address = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             mapped_len_bytes,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
             0,
         )
@@ -501,6 +563,24 @@ fn reserve_locked_anonymous(len_bytes: usize) -> Result<Reservation, DmaError> {
     }
     let mapped = address as usize;
     let aligned = mapped.next_multiple_of(RESERVATION_ALIGN_BYTES);
+    // SAFETY: `[aligned, aligned + len_bytes)` lies inside the reservation made above, which
+    // this function owns and nothing uses; MAP_FIXED replaces that part of it.
+    let fixed = unsafe {
+        libc::mmap(
+            aligned as *mut libc::c_void,
+            len_bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            memfd.as_raw_fd(),
+            0,
+        )
+    };
+    if fixed == libc::MAP_FAILED {
+        let source = io::Error::last_os_error();
+        // SAFETY: the whole reservation made above, unused.
+        unsafe { libc::munmap(address, mapped_len_bytes) };
+        return Err(DmaError::Map { len_bytes, source });
+    }
     let head_len_bytes = aligned - mapped;
     let tail_len_bytes = mapped_len_bytes - head_len_bytes - len_bytes;
     for (start, trim_len_bytes) in [
@@ -510,11 +590,11 @@ fn reserve_locked_anonymous(len_bytes: usize) -> Result<Reservation, DmaError> {
         if trim_len_bytes == 0 {
             continue;
         }
-        // SAFETY: `[start, start + trim_len_bytes)` is a page-aligned part of the mapping
+        // SAFETY: `[start, start + trim_len_bytes)` is a page-aligned part of the reservation
         // made above that lies outside the range kept; nothing refers to it.
         let rc = unsafe { libc::munmap(start as *mut libc::c_void, trim_len_bytes) };
         if rc != 0 {
-            // Harmless: the untrimmed bytes stay mapped and unused.
+            // Harmless: the untrimmed bytes stay reserved (inaccessible) and unused.
             tracing::warn!(error = %io::Error::last_os_error(), "dma: trimming reservation failed");
         }
     }
@@ -522,6 +602,7 @@ fn reserve_locked_anonymous(len_bytes: usize) -> Result<Reservation, DmaError> {
         vaddr: aligned,
         len_bytes,
         hugepage_backed: false,
+        memfd,
     };
     dont_fork(&reservation);
     // mlock(2) faults every page in and keeps it resident: the same effect as MAP_POPULATE,
@@ -1087,6 +1168,43 @@ mod tests {
         assert_eq!(&back, b"still here");
         drop(buffer);
         assert!(memmap.regions().is_empty());
+    }
+
+    #[test]
+    fn memory_is_one_shared_memfd_region() {
+        let (memory, _) = small(2);
+        let regions = memory.shared_regions();
+        assert_eq!(regions.len(), 1, "one reservation, one region");
+        let region = regions[0];
+        assert_eq!(
+            (region.vaddr, region.len_bytes, region.fd_offset_bytes),
+            (memory.vaddr(), 2 * MIB as u64, 0)
+        );
+        assert!(memory.contains(memory.vaddr() + 4096, 4096));
+        assert!(!memory.contains(memory.vaddr() + 2 * MIB as u64 - 1, 2));
+        assert!(!memory.contains(memory.vaddr() - 1, 1));
+        let mut buffer = memory.alloc(4096, 4096, None).unwrap();
+        buffer.write_at(0, b"seen by the other side").unwrap();
+        let offset = buffer.vaddr() - region.vaddr;
+        // A second mapping of the fd (what a vhost-user back-end makes) sees the same bytes.
+        // SAFETY: a fresh shared mapping of the memfd; read only, unmapped below.
+        let other = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                region.len_bytes as usize,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                region.fd.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(other, libc::MAP_FAILED);
+        let mut back = [0u8; 22];
+        // SAFETY: `offset + 22` lies inside the mapping made above.
+        unsafe { copy_from_dma(&mut back, other.cast::<u8>().add(offset as usize)) };
+        // SAFETY: the mapping made above, not used after.
+        unsafe { libc::munmap(other, region.len_bytes as usize) };
+        assert_eq!(&back, b"seen by the other side");
     }
 
     struct XorMapper;

@@ -113,6 +113,13 @@ pub struct PackedDesc {
 }
 
 impl PackedDesc {
+    /// Field offsets inside a packed descriptor (§2.8.13), for sides that store fields one
+    /// at a time (the flags last, after a write barrier, §2.8.21).
+    pub const ADDR_OFFSET: u64 = 0;
+    pub const LEN_OFFSET: u64 = 8;
+    pub const ID_OFFSET: u64 = 12;
+    pub const FLAGS_OFFSET: u64 = 14;
+
     #[inline]
     pub fn from_le_bytes(bytes: [u8; DESC_SIZE_BYTES]) -> Self {
         let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, i0, i1, f0, f1] = bytes;
@@ -183,6 +190,9 @@ pub struct PackedEvent {
 
 impl PackedEvent {
     pub const SIZE_BYTES: usize = 4;
+    /// Field offsets inside the event suppression structure (§2.8.10).
+    pub const OFF_WRAP_OFFSET: u64 = 0;
+    pub const FLAGS_OFFSET: u64 = 2;
 
     #[inline]
     pub fn from_le_bytes(bytes: [u8; 4]) -> Self {
@@ -331,6 +341,11 @@ pub struct UsedElem {
 }
 
 impl UsedElem {
+    /// Field offsets inside a used element (§2.7.8): used elements sit at 4 mod 8, so a side
+    /// reads them as two 32-bit words.
+    pub const ID_OFFSET: u64 = 0;
+    pub const LEN_OFFSET: u64 = 4;
+
     #[inline]
     pub fn from_le_bytes(bytes: [u8; USED_ELEM_SIZE_BYTES]) -> Self {
         let [i0, i1, i2, i3, l0, l1, l2, l3] = bytes;
