@@ -56,6 +56,15 @@ pub struct Args {
     /// Write the results as JSON to this file.
     #[arg(long = "json")]
     pub json: Option<PathBuf>,
+    /// Wait for RPC (SPDK's `-z`): serve JSON-RPC on `-r`, run the workload each time a
+    /// `perform_tests` call arrives and answer it with the results; stop on
+    /// `spdk_kill_instance` or a signal. Without `-c` no bdev exists until one is created
+    /// over RPC (`bdev_malloc_create`, ...).
+    #[arg(short = 'z', long = "wait-for-tests")]
+    pub wait_for_tests: bool,
+    /// RPC socket for `-z`.
+    #[arg(short = 'r', long = "rpc-socket", default_value = pollux_rpc::DEFAULT_SOCKET_PATH)]
+    pub rpc_socket: PathBuf,
     /// Test hook: in a verify run, zero this LBA between writing and reading it back, so that
     /// the check must fail.
     #[arg(long = "corrupt-lba", hide = true)]
@@ -192,6 +201,9 @@ impl Args {
                 "-M applies only to the rw and randrw workloads, not {}",
                 self.workload
             ));
+        }
+        if self.progress_s.is_some() && self.wait_for_tests {
+            return Err("-S (progress) is not available with -z".to_string());
         }
         if self.corrupt_lba.is_some() && self.workload != Workload::Verify {
             return Err("--corrupt-lba applies only to -w verify".to_string());

@@ -54,6 +54,9 @@ pub struct JobResult {
     pub error: Option<String>,
 }
 
+/// What runs when the last job of a run has published its result.
+pub type OnDone = dyn Fn(&mut ThreadCtx, &RunShared) + Send + Sync;
+
 /// State shared by the jobs and the app thread. Each job's progress counter sits on its
 /// own cache line: written by one core, read by the progress printer.
 pub struct RunShared {
@@ -64,6 +67,9 @@ pub struct RunShared {
     /// Any job failing stops all of them.
     pub stop: AtomicBool,
     pub progress_ios: Vec<CachePadded<AtomicU64>>,
+    /// Runs on the thread of the job that finished last: stops the app in a plain run,
+    /// answers `perform_tests` under `-z`.
+    pub on_done: Box<OnDone>,
 }
 
 impl RunShared {
@@ -76,7 +82,7 @@ impl RunShared {
             .unwrap_or_else(|p| p.into_inner())
             .push(result);
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            ctx.app_stop();
+            (self.on_done)(ctx, self);
         }
     }
 }

@@ -7,10 +7,16 @@
 //! to `vfio-pci` and creates one bdev per namespace (`Nvme0n1`, ...); its admin queue is
 //! polled every [`NVME_ADMIN_POLL_US`] on the app thread while the jobs run, and the
 //! controllers are detached (shut down) when the run ends.
+//!
+//! virtio: `bdev_virtio_attach_controller` (SPDK's method, `trtype` `user`, `dev_type` `blk`)
+//! connects to a vhost-user-blk back-end's socket and creates one bdev named `name`; jobs
+//! take one virtqueue per channel. A back-end that goes away is noticed by the
+//! `virtio_admin` poller (every [`VIRTIO_ADMIN_POLL_US`]), which removes the bdev.
 
 mod args;
 mod job;
 mod report;
+mod rpc_mode;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
@@ -27,6 +33,7 @@ use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
 use pollux_nvme::bdev::NvmeModule;
 use pollux_reactor::{send_msg, App, AppConfig, InterruptId, PollStatus, PollerId, ThreadCtx};
+use pollux_virtio::bdev::VirtioModule;
 
 use crate::args::Args;
 use crate::job::{Job, JobSpec, RunShared, Wakeup};
@@ -40,6 +47,10 @@ const NVME_ADMIN_POLL_US: u64 = 10_000;
 /// DMA memory an attached NVMe controller takes for itself (admin queue, identify buffer,
 /// headroom for its I/O queue pairs, which are sized by `-q`).
 const NVME_CONTROLLER_BYTES: u64 = 4 << 20;
+/// Period of the virtio admin poller (back-end hang-up -> hot remove).
+const VIRTIO_ADMIN_POLL_US: u64 = 10_000;
+/// DMA memory an attached virtio controller takes (its rings and request headers).
+const VIRTIO_CONTROLLER_BYTES: u64 = 4 << 20;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -88,6 +99,10 @@ fn config_demand(path: &Path) -> (u64, u64) {
             bdevs += 1;
             malloc_bytes = malloc_bytes.saturating_add(NVME_CONTROLLER_BYTES);
         }
+        if method == pollux_virtio::bdev::ATTACH_METHOD {
+            bdevs += 1;
+            malloc_bytes = malloc_bytes.saturating_add(VIRTIO_CONTROLLER_BYTES);
+        }
         if method == malloc::METHOD {
             let param = |key: &str| {
                 entry
@@ -106,9 +121,15 @@ fn config_demand(path: &Path) -> (u64, u64) {
 fn run(args: &Args) -> Result<bool, String> {
     args.validate()?;
     let cpumask = CpuMask::parse_available(&args.cpumask).map_err(|e| format!("-m: {e}"))?;
-    let (malloc_bytes, bdev_estimate) = match &args.config {
-        Some(path) => config_demand(path),
-        None => (DEFAULT_MALLOC_MIB << 20, 1),
+    let (malloc_bytes, bdev_estimate) = match (&args.config, args.wait_for_tests) {
+        (Some(path), false) => config_demand(path),
+        (None, false) => (DEFAULT_MALLOC_MIB << 20, 1),
+        // Bdevs come later over RPC: leave room for them.
+        (Some(path), true) => {
+            let (bytes, bdevs) = config_demand(path);
+            (bytes.saturating_add(rpc_mode::HEADROOM_BYTES), bdevs.max(4))
+        }
+        (None, true) => (rpc_mode::HEADROOM_BYTES, 4),
     };
     let buffer_bytes = (cpumask.count() as u64)
         .saturating_mul(bdev_estimate)
@@ -136,8 +157,10 @@ fn run(args: &Args) -> Result<bool, String> {
         Some(path) => {
             let mut table = MethodTable::with_builtin();
             pollux_nvme::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
+            pollux_virtio::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
             config::load_file(path, &registry, &table, Some(&dma)).map_err(|e| error_chain(&e))?;
         }
+        None if args.wait_for_tests => {}
         None => {
             malloc::create(
                 &registry,
@@ -150,6 +173,9 @@ fn run(args: &Args) -> Result<bool, String> {
             )
             .map_err(|e| error_chain(&e))?;
         }
+    }
+    if args.wait_for_tests {
+        return rpc_mode::run(args, cpumask, dma, registry);
     }
     let targets = match &args.target {
         Some(target) => {
@@ -192,6 +218,7 @@ fn run(args: &Args) -> Result<bool, String> {
         progress_ios: (0..specs.len())
             .map(|_| CachePadded::new(AtomicU64::new(0)))
             .collect(),
+        on_done: Box::new(|ctx, _shared| ctx.app_stop()),
     });
 
     let app = App::new(AppConfig {
@@ -218,6 +245,7 @@ fn run(args: &Args) -> Result<bool, String> {
     // The jobs have dropped their channels (deleting their queue pairs): shut the NVMe
     // controllers down before the DMA memory goes away with this function.
     NvmeModule::global().detach_all(&registry);
+    VirtioModule::global().detach_all(&registry);
     app_result?;
     if !started.load(Ordering::Relaxed) {
         return Ok(false);
@@ -275,6 +303,17 @@ fn start(
     if !NvmeModule::global().controller_names().is_empty() {
         let admin = ctx.register_poller("nvme_admin", NVME_ADMIN_POLL_US, |_ctx| {
             if NvmeModule::global().poll_admin() > 0 {
+                PollStatus::Busy
+            } else {
+                PollStatus::Idle
+            }
+        });
+        ctx.on_exit(move |ctx| ctx.unregister_poller(admin));
+    }
+    if !VirtioModule::global().controller_names().is_empty() {
+        let registry = shared.registry.clone();
+        let admin = ctx.register_poller("virtio_admin", VIRTIO_ADMIN_POLL_US, move |_ctx| {
+            if VirtioModule::global().poll_admin(&registry) > 0 {
                 PollStatus::Busy
             } else {
                 PollStatus::Idle

@@ -1,0 +1,614 @@
+//! `pollux-rpc`: drives a Pollux target over JSON-RPC with SPDK rpc.py's command lines:
+//!
+//! ```text
+//! pollux-rpc [-s sock] [-t timeout] bdev_malloc_create -b Malloc0 64 4096
+//! pollux-rpc bdev_get_bdevs
+//! pollux-rpc vhost_create_blk_controller vhost.0 Malloc0
+//! pollux-rpc call bdev_get_bdevs '{"name": "Malloc0"}'
+//! ```
+//!
+//! Output as rpc.py prints it: a string result bare, `true` nothing, anything else as
+//! indented JSON. On an error response it prints the request and the server's error to
+//! stderr and exits 1.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use pollux_rpc::{ClientError, RpcClient, DEFAULT_SOCKET_PATH};
+use serde_json::{json, Map, Value};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pollux-rpc",
+    version,
+    about = "JSON-RPC client for Pollux targets (SPDK rpc.py's methods and syntax)"
+)]
+struct Cli {
+    /// RPC socket of the target.
+    #[arg(short = 's', long = "server", default_value = DEFAULT_SOCKET_PATH)]
+    server: PathBuf,
+    /// Seconds to wait for an answer.
+    #[arg(short = 't', long = "timeout", default_value_t = 60.0)]
+    timeout_s: f64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+#[command(rename_all = "snake_case")]
+enum Command {
+    /// List the methods the target answers.
+    RpcGetMethods {
+        /// Only the methods callable in the current state.
+        #[arg(long)]
+        current: bool,
+        /// Include deprecated aliases.
+        #[arg(long = "include-aliases", short = 'i')]
+        include_aliases: bool,
+    },
+    /// The target's version.
+    SpdkGetVersion,
+    /// Reactors and the lightweight threads on them.
+    FrameworkGetReactors,
+    /// Statistics of every lightweight thread.
+    ThreadGetStats,
+    /// Leave the startup state of a target started with --wait-for-rpc.
+    FrameworkStartInit,
+    /// Stop the target (SIGINT or SIGTERM: an orderly stop).
+    SpdkKillInstance {
+        /// Signal name: SIGINT or SIGTERM.
+        sig_name: String,
+    },
+    /// Print the JSON configuration that recreates the target's current state.
+    SaveConfig {
+        /// Indentation of the output.
+        #[arg(short = 'i', long = "indent", default_value_t = 2)]
+        indent: usize,
+    },
+    /// Describe bdevs (all, or one).
+    BdevGetBdevs {
+        /// Only this bdev.
+        #[arg(short = 'b', long = "name")]
+        name: Option<String>,
+        /// Milliseconds to wait for the bdev to appear.
+        #[arg(short = 't', long = "timeout")]
+        timeout: Option<u64>,
+    },
+    /// I/O statistics of bdevs.
+    BdevGetIostat {
+        /// Only this bdev.
+        #[arg(short = 'b', long = "name")]
+        name: Option<String>,
+    },
+    /// Create a RAM disk.
+    BdevMallocCreate(MallocCreate),
+    /// Delete a malloc bdev.
+    BdevMallocDelete { name: String },
+    /// Create a null bdev (no data moves).
+    BdevNullCreate(NullCreate),
+    /// Delete a null bdev.
+    BdevNullDelete { name: String },
+    /// Create a bdev on a file or block device through Linux AIO.
+    BdevAioCreate(AioCreate),
+    /// Delete an aio bdev.
+    BdevAioDelete { name: String },
+    /// Create a bdev on a file or block device through io_uring.
+    BdevUringCreate(UringCreate),
+    /// Delete a uring bdev.
+    BdevUringDelete { name: String },
+    /// Attach an NVMe controller (PCIe, bound to vfio-pci): one bdev per namespace.
+    BdevNvmeAttachController(NvmeAttach),
+    /// Detach an NVMe controller and remove its bdevs.
+    BdevNvmeDetachController { name: String },
+    /// Attach a virtio-blk device through virtio-user (a vhost-user socket).
+    BdevVirtioAttachController(VirtioAttach),
+    /// Detach a virtio controller and remove its bdevs.
+    BdevVirtioDetachController { name: String },
+    /// Create a vhost-user-blk controller exporting a bdev.
+    VhostCreateBlkController(VhostCreateBlk),
+    /// Describe vhost controllers (all, or one).
+    VhostGetControllers {
+        /// Only this controller.
+        #[arg(short = 'n', long = "name")]
+        name: Option<String>,
+    },
+    /// Delete a vhost controller.
+    VhostDeleteController { ctrlr: String },
+    /// bdevperf -z: run the configured workload and print its results.
+    PerformTests,
+    /// Any method, with its params as one JSON object.
+    Call {
+        method: String,
+        /// The params object, e.g. '{"name": "Malloc0"}'.
+        params: Option<String>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct MallocCreate {
+    /// Bdev name (default: the first free MallocN).
+    #[arg(short = 'b', long = "name")]
+    name: Option<String>,
+    /// UUID of the bdev.
+    #[arg(short = 'u', long = "uuid")]
+    uuid: Option<String>,
+    /// Size in MiB (a float above 0).
+    total_size: f64,
+    /// Block size in bytes.
+    block_size: u64,
+}
+
+#[derive(Args, Debug)]
+struct NullCreate {
+    name: String,
+    /// Size in MiB (a float above 0).
+    total_size: f64,
+    /// Block size in bytes.
+    block_size: u64,
+    /// UUID of the bdev.
+    #[arg(short = 'u', long = "uuid")]
+    uuid: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct AioCreate {
+    /// Path of the file or block device.
+    filename: String,
+    name: String,
+    /// Block size (default: the device's logical block size, 512 for a file).
+    block_size: Option<u64>,
+    /// Open read-only.
+    #[arg(short = 'r', long = "readonly")]
+    readonly: bool,
+    /// Allocate the file's blocks up front.
+    #[arg(long = "fallocate")]
+    fallocate: bool,
+    #[arg(short = 'u', long = "uuid")]
+    uuid: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct UringCreate {
+    filename: String,
+    name: String,
+    block_size: Option<u64>,
+    #[arg(short = 'u', long = "uuid")]
+    uuid: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct NvmeAttach {
+    /// Controller name; its bdevs are <name>n<nsid>.
+    #[arg(short = 'b', long = "name")]
+    name: String,
+    /// Transport type: PCIe.
+    #[arg(short = 't', long = "trtype")]
+    trtype: String,
+    /// PCI address (0000:00:04.0).
+    #[arg(short = 'a', long = "traddr")]
+    traddr: String,
+    /// Address family (NVMe-oF only).
+    #[arg(short = 'f', long = "adrfam")]
+    adrfam: Option<String>,
+    /// Service id (NVMe-oF only).
+    #[arg(short = 's', long = "trsvcid")]
+    trsvcid: Option<String>,
+    /// Subsystem NQN (NVMe-oF only).
+    #[arg(short = 'n', long = "subnqn")]
+    subnqn: Option<String>,
+    /// Host NQN (accepted and ignored for PCIe).
+    #[arg(short = 'q', long = "hostnqn")]
+    hostnqn: Option<String>,
+    /// Multipath mode: disable, failover, multipath.
+    #[arg(short = 'x', long = "multipath")]
+    multipath: Option<String>,
+    /// I/O queues to create.
+    #[arg(long = "num-io-queues")]
+    num_io_queues: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct VirtioAttach {
+    /// Controller name.
+    name: String,
+    /// Transport type: user (virtio-user) or pci.
+    #[arg(short = 't', long = "trtype")]
+    trtype: String,
+    /// The vhost-user socket path (user) or PCI address (pci).
+    #[arg(short = 'a', long = "traddr")]
+    traddr: String,
+    /// Device type: blk or scsi.
+    #[arg(short = 'd', long = "dev-type")]
+    dev_type: String,
+    /// Number of virtqueues.
+    #[arg(long = "vq-count")]
+    vq_count: Option<u64>,
+    /// Size of each virtqueue.
+    #[arg(long = "vq-size")]
+    vq_size: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct VhostCreateBlk {
+    /// Controller name (its socket is created in the target's socket directory).
+    ctrlr: String,
+    /// The bdev to export.
+    dev_name: String,
+    /// Cores the controller may run on.
+    #[arg(long = "cpumask")]
+    cpumask: Option<String>,
+    /// Export read-only.
+    #[arg(short = 'r', long = "readonly")]
+    readonly: bool,
+    /// Offer packed virtqueues.
+    #[arg(short = 'p', long = "packed_ring")]
+    packed_ring: bool,
+}
+
+/// `{key: value}` for each present value.
+struct ParamsBuilder(Map<String, Value>);
+
+impl ParamsBuilder {
+    fn new() -> Self {
+        Self(Map::new())
+    }
+
+    fn set(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.0.insert(key.to_string(), value.into());
+        self
+    }
+
+    fn opt<T: Into<Value>>(self, key: &str, value: Option<T>) -> Self {
+        match value {
+            Some(value) => self.set(key, value),
+            None => self,
+        }
+    }
+
+    /// Set only when true, as rpc.py does for its `store_true` flags.
+    fn flag(self, key: &str, value: bool) -> Self {
+        if value {
+            self.set(key, true)
+        } else {
+            self
+        }
+    }
+
+    fn build(self) -> Option<Value> {
+        (!self.0.is_empty()).then_some(Value::Object(self.0))
+    }
+}
+
+/// rpc.py's `num_blocks = (total_size * 1024 * 1024) // block_size`.
+fn num_blocks(total_size_mib: f64, block_size: u64) -> Result<u64, String> {
+    if !total_size_mib.is_finite() || total_size_mib <= 0.0 {
+        return Err(format!(
+            "total_size {total_size_mib} must be a number of MiB above 0"
+        ));
+    }
+    if block_size == 0 {
+        return Err("block_size must be greater than 0".to_string());
+    }
+    Ok(((total_size_mib * 1024.0 * 1024.0) / block_size as f64).floor() as u64)
+}
+
+/// The method and params a command sends; `indent` for save_config.
+fn request(command: &Command) -> Result<(String, Option<Value>), String> {
+    let p = ParamsBuilder::new;
+    let (method, params) = match command {
+        Command::RpcGetMethods {
+            current,
+            include_aliases,
+        } => (
+            "rpc_get_methods",
+            p().flag("current", *current)
+                .flag("include_aliases", *include_aliases)
+                .build(),
+        ),
+        Command::SpdkGetVersion => ("spdk_get_version", None),
+        Command::FrameworkGetReactors => ("framework_get_reactors", None),
+        Command::ThreadGetStats => ("thread_get_stats", None),
+        Command::FrameworkStartInit => ("framework_start_init", None),
+        Command::SpdkKillInstance { sig_name } => (
+            "spdk_kill_instance",
+            p().set("sig_name", sig_name.as_str()).build(),
+        ),
+        Command::SaveConfig { .. } => ("save_config", None),
+        Command::BdevGetBdevs { name, timeout } => (
+            "bdev_get_bdevs",
+            p().opt("name", name.clone())
+                .opt("timeout", *timeout)
+                .build(),
+        ),
+        Command::BdevGetIostat { name } => {
+            ("bdev_get_iostat", p().opt("name", name.clone()).build())
+        }
+        Command::BdevMallocCreate(a) => (
+            "bdev_malloc_create",
+            p().set("num_blocks", num_blocks(a.total_size, a.block_size)?)
+                .set("block_size", a.block_size)
+                .opt("name", a.name.clone())
+                .opt("uuid", a.uuid.clone())
+                .build(),
+        ),
+        Command::BdevNullCreate(a) => (
+            "bdev_null_create",
+            p().set("name", a.name.as_str())
+                .set("num_blocks", num_blocks(a.total_size, a.block_size)?)
+                .set("block_size", a.block_size)
+                .opt("uuid", a.uuid.clone())
+                .build(),
+        ),
+        Command::BdevAioCreate(a) => (
+            "bdev_aio_create",
+            p().set("name", a.name.as_str())
+                .set("filename", a.filename.as_str())
+                .opt("block_size", a.block_size)
+                .flag("readonly", a.readonly)
+                .flag("fallocate", a.fallocate)
+                .opt("uuid", a.uuid.clone())
+                .build(),
+        ),
+        Command::BdevUringCreate(a) => (
+            "bdev_uring_create",
+            p().set("name", a.name.as_str())
+                .set("filename", a.filename.as_str())
+                .opt("block_size", a.block_size)
+                .opt("uuid", a.uuid.clone())
+                .build(),
+        ),
+        Command::BdevMallocDelete { name } => ("bdev_malloc_delete", name_param(name)),
+        Command::BdevNullDelete { name } => ("bdev_null_delete", name_param(name)),
+        Command::BdevAioDelete { name } => ("bdev_aio_delete", name_param(name)),
+        Command::BdevUringDelete { name } => ("bdev_uring_delete", name_param(name)),
+        Command::BdevNvmeAttachController(a) => (
+            "bdev_nvme_attach_controller",
+            p().set("name", a.name.as_str())
+                .set("trtype", a.trtype.as_str())
+                .set("traddr", a.traddr.as_str())
+                .opt("adrfam", a.adrfam.clone())
+                .opt("trsvcid", a.trsvcid.clone())
+                .opt("subnqn", a.subnqn.clone())
+                .opt("hostnqn", a.hostnqn.clone())
+                .opt("multipath", a.multipath.clone())
+                .opt("num_io_queues", a.num_io_queues)
+                .build(),
+        ),
+        Command::BdevNvmeDetachController { name } => {
+            ("bdev_nvme_detach_controller", name_param(name))
+        }
+        Command::BdevVirtioAttachController(a) => (
+            "bdev_virtio_attach_controller",
+            p().set("name", a.name.as_str())
+                .set("trtype", a.trtype.as_str())
+                .set("traddr", a.traddr.as_str())
+                .set("dev_type", a.dev_type.as_str())
+                .opt("vq_count", a.vq_count)
+                .opt("vq_size", a.vq_size)
+                .build(),
+        ),
+        Command::BdevVirtioDetachController { name } => {
+            ("bdev_virtio_detach_controller", name_param(name))
+        }
+        Command::VhostCreateBlkController(a) => (
+            "vhost_create_blk_controller",
+            p().set("ctrlr", a.ctrlr.as_str())
+                .set("dev_name", a.dev_name.as_str())
+                .opt("cpumask", a.cpumask.clone())
+                .flag("readonly", a.readonly)
+                .flag("packed_ring", a.packed_ring)
+                .build(),
+        ),
+        Command::VhostGetControllers { name } => (
+            "vhost_get_controllers",
+            p().opt("name", name.clone()).build(),
+        ),
+        Command::VhostDeleteController { ctrlr } => (
+            "vhost_delete_controller",
+            p().set("ctrlr", ctrlr.as_str()).build(),
+        ),
+        Command::PerformTests => ("perform_tests", None),
+        Command::Call { method, params } => {
+            let params = match params {
+                None => None,
+                Some(text) => Some(
+                    serde_json::from_str::<Value>(text)
+                        .map_err(|e| format!("params {text:?} are not JSON: {e}"))?,
+                ),
+            };
+            return Ok((method.clone(), params));
+        }
+    };
+    Ok((method.to_string(), params))
+}
+
+fn name_param(name: &str) -> Option<Value> {
+    Some(json!({ "name": name }))
+}
+
+/// rpc.py's printing: strings bare, `true` nothing, the rest as indented JSON.
+fn render(command: &Command, result: &Value) -> Option<String> {
+    match (command, result) {
+        (Command::SaveConfig { indent }, value) => Some(pretty(value, *indent)),
+        (_, Value::Bool(true)) => None,
+        (_, Value::String(text)) => Some(text.clone()),
+        (_, value) => Some(pretty(value, 2)),
+    }
+}
+
+fn pretty(value: &Value, indent: usize) -> String {
+    let indent = " ".repeat(indent);
+    let formatter = serde_json::ser::PrettyFormatter::with_indent(indent.as_bytes());
+    let mut out = Vec::new();
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, formatter);
+    match serde::Serialize::serialize(value, &mut serializer) {
+        Ok(()) => String::from_utf8_lossy(&out).into_owned(),
+        Err(_) => value.to_string(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (method, params) = match request(&cli.command) {
+        Ok(request) => request,
+        Err(message) => {
+            eprintln!("pollux-rpc: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    if !cli.timeout_s.is_finite() || cli.timeout_s <= 0.0 {
+        eprintln!(
+            "pollux-rpc: -t {}: must be a number of seconds above 0",
+            cli.timeout_s
+        );
+        return ExitCode::from(2);
+    }
+    let timeout = Duration::from_secs_f64(cli.timeout_s);
+    let result = RpcClient::connect(&cli.server, timeout)
+        .and_then(|mut client| client.call(&method, params.clone()));
+    match result {
+        Ok(value) => {
+            if let Some(text) = render(&cli.command, &value) {
+                println!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(ClientError::Rpc(error)) => {
+            let mut request = json!({ "jsonrpc": "2.0", "method": method });
+            if let Some(params) = params {
+                request["params"] = params;
+            }
+            eprintln!("request:\n{}", pretty(&request, 2));
+            eprintln!("Got JSON-RPC error response");
+            eprintln!("response:\n{}", pretty(&error.to_json(), 2));
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("pollux-rpc: {}", pollux_rpc::error::error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> (String, Option<Value>) {
+        let cli = Cli::try_parse_from(std::iter::once("pollux-rpc").chain(args.iter().copied()))
+            .expect("valid command line");
+        request(&cli.command).expect("valid request")
+    }
+
+    #[test]
+    fn rpc_py_command_lines_build_rpc_py_params() {
+        assert_eq!(
+            parse(&["bdev_malloc_create", "-b", "Malloc0", "64", "4096"]),
+            (
+                "bdev_malloc_create".to_string(),
+                Some(json!({"num_blocks": 16384, "block_size": 4096, "name": "Malloc0"}))
+            )
+        );
+        assert_eq!(
+            parse(&["bdev_null_create", "Null0", "1", "512"]).1,
+            Some(json!({"name": "Null0", "num_blocks": 2048, "block_size": 512}))
+        );
+        assert_eq!(
+            parse(&[
+                "vhost_create_blk_controller",
+                "vhost.0",
+                "Malloc0",
+                "-r",
+                "-p",
+                "--cpumask",
+                "0x1"
+            ])
+            .1,
+            Some(
+                json!({"ctrlr": "vhost.0", "dev_name": "Malloc0", "cpumask": "0x1", "readonly": true, "packed_ring": true})
+            )
+        );
+        assert_eq!(
+            parse(&[
+                "bdev_virtio_attach_controller",
+                "VirtioUser0",
+                "-t",
+                "user",
+                "-a",
+                "/tmp/vhost.0",
+                "-d",
+                "blk",
+                "--vq-count",
+                "2",
+                "--vq-size",
+                "512"
+            ])
+            .1,
+            Some(
+                json!({"name": "VirtioUser0", "trtype": "user", "traddr": "/tmp/vhost.0", "dev_type": "blk", "vq_count": 2, "vq_size": 512})
+            )
+        );
+        assert_eq!(
+            parse(&[
+                "bdev_nvme_attach_controller",
+                "-b",
+                "Nvme0",
+                "-t",
+                "PCIe",
+                "-a",
+                "0000:00:04.0"
+            ])
+            .1,
+            Some(json!({"name": "Nvme0", "trtype": "PCIe", "traddr": "0000:00:04.0"}))
+        );
+        assert_eq!(
+            parse(&["bdev_get_bdevs"]),
+            ("bdev_get_bdevs".to_string(), None)
+        );
+        assert_eq!(
+            parse(&["call", "bdev_get_bdevs", r#"{"name": "x"}"#]).1,
+            Some(json!({"name": "x"}))
+        );
+        assert_eq!(
+            parse(&[
+                "-s",
+                "/tmp/x.sock",
+                "vhost_get_controllers",
+                "-n",
+                "vhost.0"
+            ])
+            .1,
+            Some(json!({"name": "vhost.0"}))
+        );
+    }
+
+    #[test]
+    fn bad_sizes_and_json_are_refused() {
+        let cli =
+            Cli::try_parse_from(["pollux-rpc", "bdev_malloc_create", "0", "512"]).expect("parses");
+        assert!(request(&cli.command)
+            .expect_err("size 0")
+            .contains("total_size"));
+        let cli = Cli::try_parse_from(["pollux-rpc", "call", "x", "{oops"]).expect("parses");
+        assert!(request(&cli.command)
+            .expect_err("bad json")
+            .contains("not JSON"));
+        assert!(Cli::try_parse_from(["pollux-rpc", "bdev_malloc_delete"]).is_err());
+    }
+
+    #[test]
+    fn output_like_rpc_py() {
+        let command = Command::SpdkGetVersion;
+        assert_eq!(
+            render(&command, &json!("Malloc0")),
+            Some("Malloc0".to_string())
+        );
+        assert_eq!(render(&command, &json!(true)), None);
+        assert_eq!(
+            render(&command, &json!({"a": 1})),
+            Some("{\n  \"a\": 1\n}".to_string())
+        );
+    }
+}
