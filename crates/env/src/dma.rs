@@ -837,7 +837,7 @@ impl DmaBuffer {
     /// Writes `words` (as little-endian bytes) at `offset`: one bounds check, then one
     /// volatile 64-bit store per word when the destination is 8-byte aligned (queue entries
     /// are), a byte-wise volatile copy otherwise.
-    #[inline]
+    #[inline(always)]
     pub fn write_u64s_at<const N: usize>(
         &mut self,
         offset: usize,
@@ -846,13 +846,17 @@ impl DmaBuffer {
         check_access(offset, std::mem::size_of_val(words), self.len_bytes)?;
         // SAFETY: `offset` is inside this buffer (checked above).
         let dst = unsafe { self.as_mut_ptr().add(offset) };
-        let aligned = dst as usize & 7 == 0;
-        for (i, word) in words.iter().enumerate() {
-            if aligned {
-                // SAFETY: `(i + 1) * 8 <= N * 8`, inside the checked range, and `dst + i * 8`
-                // is 8-aligned.
-                unsafe { dst.add(i * 8).cast::<u64>().write_volatile(word.to_le()) };
-            } else {
+        // The alignment test once, outside the loop, so the aligned loop unrolls into N
+        // plain stores.
+        if dst as usize & 7 == 0 {
+            let dst = dst.cast::<u64>();
+            for (i, word) in words.iter().enumerate() {
+                // SAFETY: `(i + 1) * 8 <= N * 8`, inside the checked range, and `dst + i` is
+                // 8-aligned.
+                unsafe { dst.add(i).write_volatile(word.to_le()) };
+            }
+        } else {
+            for (i, word) in words.iter().enumerate() {
                 // SAFETY: inside the checked range; `word` is ordinary memory, no overlap.
                 unsafe { copy_to_dma(dst.add(i * 8), &word.to_le_bytes()) };
             }
@@ -862,7 +866,7 @@ impl DmaBuffer {
 
     /// Reads `N` little-endian 64-bit words at `offset`: one bounds check, then one volatile
     /// load per word when the source is 8-byte aligned, a byte-wise volatile copy otherwise.
-    #[inline]
+    #[inline(always)]
     pub fn read_u64s_at<const N: usize>(&self, offset: usize) -> Result<[u64; N], DmaError> {
         let mut words = [0u64; N];
         check_access(offset, std::mem::size_of_val(&words), self.len_bytes)?;
@@ -886,7 +890,7 @@ impl DmaBuffer {
 
     /// Reads one little-endian 32-bit word at `offset` (a single volatile load when aligned):
     /// for polling a phase or status bit before reading the rest of an entry.
-    #[inline]
+    #[inline(always)]
     pub fn read_u32_at(&self, offset: usize) -> Result<u32, DmaError> {
         check_access(offset, 4, self.len_bytes)?;
         // SAFETY: `offset` is inside this buffer (checked above).

@@ -19,7 +19,7 @@
 //! per I/O.
 
 use pollux_env::dma::DmaBuffer;
-use pollux_env::memmap::MemMap;
+use pollux_env::memmap::{MemMap, TranslationCache};
 
 use crate::error::NvmeError;
 use crate::spec::{
@@ -94,6 +94,7 @@ pub enum DataPointer {
 }
 
 impl DataPointer {
+    #[inline(always)]
     pub fn dptr(&self) -> [u64; 2] {
         match self {
             DataPointer::Prp { prp1, prp2 } => [*prp1, *prp2],
@@ -144,11 +145,26 @@ pub fn build(
     sgl_supported: bool,
     area: &mut ListArea<'_>,
 ) -> Result<DataPointer, NvmeError> {
+    let mut cache = TranslationCache::default();
+    build_cached(memmap, &mut cache, iovs, len_bytes, sgl_supported, area)
+}
+
+/// [`build`] with the caller's translation cache (a queue pair keeps one): the common case
+/// of one iovec in the region last used translates without touching the map's snapshot.
+#[inline]
+pub fn build_cached(
+    memmap: &MemMap,
+    cache: &mut TranslationCache,
+    iovs: &[IoVec],
+    len_bytes: u64,
+    sgl_supported: bool,
+    area: &mut ListArea<'_>,
+) -> Result<DataPointer, NvmeError> {
     // The I/O path's common case first: one iovec covering the transfer, one translation,
     // no list page, no length-sum loop.
     if let [iov] = iovs {
         if iov.len_bytes as u64 == len_bytes && len_bytes != 0 {
-            if let Some(pointer) = single_iovec_prp(memmap, iov, area.page_size_bytes) {
+            if let Some(pointer) = single_iovec_prp(memmap, cache, iov, area.page_size_bytes) {
                 return Ok(pointer);
             }
         }
@@ -181,10 +197,15 @@ pub fn build(
 /// touching at most two pages, needs one translation and no list page (PRP1, and PRP2 for the
 /// second page). Anything else (or a translation error, reported by the general path) is
 /// `None` and goes through [`build_prp`].
-#[inline]
-fn single_iovec_prp(memmap: &MemMap, iov: &IoVec, page_size_bytes: u64) -> Option<DataPointer> {
+#[inline(always)]
+pub(crate) fn single_iovec_prp(
+    memmap: &MemMap,
+    cache: &mut TranslationCache,
+    iov: &IoVec,
+    page_size_bytes: u64,
+) -> Option<DataPointer> {
     let len = iov.len_bytes as u64;
-    let translation = memmap.translate(iov.addr, len).ok()?;
+    let translation = memmap.translate_cached(cache, iov.addr, len).ok()?;
     if translation.len != len || translation.iova & 3 != 0 {
         return None;
     }

@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pollux_env::dma::{DmaBuffer, DmaMemory};
+use pollux_env::memmap::TranslationCache;
 
 use crate::ctrlr::Namespace;
 use crate::error::NvmeError;
@@ -312,6 +313,8 @@ pub struct QueuePair<R: Registers> {
     waiting: VecDeque<u16>,
     list_pages: usize,
     sgl_supported: bool,
+    /// The region this pair's buffers were last found in (see `MemMap::translate_cached`).
+    translation_cache: TranslationCache,
     bounce_iova: u64,
     bounce_buffer_bytes: usize,
     bounce_free: Vec<u16>,
@@ -411,6 +414,7 @@ impl<R: Registers> QueuePair<R> {
             waiting: VecDeque::with_capacity(usize::from(options.depth)),
             list_pages,
             sgl_supported,
+            translation_cache: TranslationCache::default(),
             bounce_iova: 0,
             bounce_buffer_bytes,
             bounce_free: (0..options.bounce_buffers).rev().collect(),
@@ -522,6 +526,7 @@ impl<R: Registers> QueuePair<R> {
     }
 
     /// Reads `nblocks` blocks at `lba` of `ns` into `iovs`; the completion comes back with `tag`.
+    #[inline]
     pub fn submit_read(
         &mut self,
         ns: &Namespace,
@@ -534,6 +539,7 @@ impl<R: Registers> QueuePair<R> {
     }
 
     /// Writes `nblocks` blocks at `lba` of `ns` from `iovs`.
+    #[inline]
     pub fn submit_write(
         &mut self,
         ns: &Namespace,
@@ -603,14 +609,66 @@ impl<R: Registers> QueuePair<R> {
         nblocks: u32,
         iovs: &[IoVec],
     ) -> Result<(), NvmeError> {
-        let command = lba_command(opcode, ns, lba, nblocks)?;
         let len_bytes = u64::from(nblocks) * u64::from(ns.block_size_bytes());
+        // The I/O path's common case, checked with as few branches as possible: a valid
+        // range, one iovec in the region this pair last used, PRP-friendly, room in the SQ.
+        // Anything else takes the general path below, which checks and reports each case.
+        let in_range = nblocks.wrapping_sub(1) < 65536
+            && lba
+                .checked_add(u64::from(nblocks))
+                .is_some_and(|end| end <= ns.num_blocks())
+            && len_bytes <= ns.max_transfer_bytes();
+        if let ([iov], true) = (iovs, in_range) {
+            if iov.len_bytes() as u64 == len_bytes
+                && self.waiting.is_empty()
+                && self.sq_has_room()
+                && self.is_usable()
+            {
+                let page = self.shared.page_size_bytes;
+                if let Some(pointer) =
+                    prp::single_iovec_prp(self.dma.memmap(), &mut self.translation_cache, iov, page)
+                {
+                    if let Some(cid) = self.free.pop() {
+                        let [prp1, prp2] = pointer.dptr();
+                        let words = [
+                            u64::from(opcode)
+                                | (u64::from(cid) << 16)
+                                | (u64::from(ns.nsid()) << 32),
+                            0,
+                            0,
+                            prp1,
+                            prp2,
+                            lba,
+                            u64::from(nblocks - 1), // NLB is 0's based
+                            0,
+                        ];
+                        let slot = &mut self.slots[usize::from(cid)];
+                        slot.tag = tag;
+                        slot.opcode = opcode;
+                        slot.seen_at = None;
+                        slot.abort_requested = false;
+                        slot.no_timeout = false;
+                        self.stats.submitted += 1;
+                        return self.write_sqe_words(cid, &words);
+                    }
+                }
+            }
+        }
+        let command = lba_command(opcode, ns, lba, nblocks)?;
         if len_bytes > ns.max_transfer_bytes() {
             return Err(NvmeError::InvalidRequest {
                 reason: "transfer larger than the controller's MDTS",
             });
         }
         self.submit_command(tag, command, iovs, len_bytes)
+    }
+
+    /// Whether new commands may be submitted (see [`check_usable`](Self::check_usable)).
+    #[inline(always)]
+    fn is_usable(&self) -> bool {
+        !self.disconnected
+            && self.shared.generation.load(Ordering::Acquire) == self.generation
+            && self.shared.state.load(Ordering::Acquire) != STATE_FAILED
     }
 
     fn check_usable(&mut self) -> Result<(), NvmeError> {
@@ -720,8 +778,9 @@ impl<R: Registers> QueuePair<R> {
             pages: self.list_pages,
             page_size_bytes: page,
         };
-        let pointer = prp::build(
+        let pointer = prp::build_cached(
             self.dma.memmap(),
+            &mut self.translation_cache,
             iovs,
             len_bytes,
             self.sgl_supported,
@@ -908,7 +967,7 @@ impl<R: Registers> QueuePair<R> {
     }
 
     /// The ring index after `index` (a compare, not a division, on the hot path).
-    #[inline]
+    #[inline(always)]
     fn next_index(&self, index: u16) -> u16 {
         if index + 1 == self.entries {
             0
@@ -917,6 +976,7 @@ impl<R: Registers> QueuePair<R> {
         }
     }
 
+    #[inline(always)]
     fn sq_has_room(&self) -> bool {
         self.next_index(self.sq_tail) != self.sq_head
             // With shadow doorbells the CQ must never fill (see the module documentation).
@@ -926,13 +986,17 @@ impl<R: Registers> QueuePair<R> {
     /// Encodes `command` straight into the SQ tail slot: one bounds check, eight 64-bit
     /// volatile stores.
     fn write_sqe(&mut self, cid: u16, command: &Command) -> Result<(), NvmeError> {
-        let words = command.encode_words();
+        self.write_sqe_words(cid, &command.encode_words())
+    }
+
+    #[inline(always)]
+    fn write_sqe_words(&mut self, cid: u16, words: &[u64; SQE_BYTES / 8]) -> Result<(), NvmeError> {
         let Some(rings) = self.rings.as_mut() else {
             return Err(NvmeError::Disconnected { qid: self.qid });
         };
         rings
             .sq
-            .write_u64s_at(usize::from(self.sq_tail) * SQE_BYTES, &words)
+            .write_u64s_at(usize::from(self.sq_tail) * SQE_BYTES, words)
             .map_err(NvmeError::dma("submission queue"))?;
         self.slots[usize::from(cid)].state = SlotState::Outstanding;
         self.outstanding += 1;
@@ -1099,10 +1163,17 @@ impl<R: Registers> QueuePair<R> {
         if completion.sq_head >= self.entries {
             return Err(bad("sq_head beyond the queue"));
         }
-        // The new head lies between the old head and the tail (inclusive), modulo the ring.
-        let n = u32::from(self.entries);
-        let moved = (u32::from(completion.sq_head) + n - u32::from(self.sq_head)) % n;
-        let submitted = (u32::from(self.sq_tail) + n - u32::from(self.sq_head)) % n;
+        // The new head lies between the old head and the tail (inclusive), modulo the ring
+        // (every index is below `entries`: a conditional add, not a division).
+        let ring_distance = |from: u16, to: u16| {
+            if to >= from {
+                to - from
+            } else {
+                to + self.entries - from
+            }
+        };
+        let moved = ring_distance(self.sq_head, completion.sq_head);
+        let submitted = ring_distance(self.sq_head, self.sq_tail);
         if moved > submitted {
             return Err(bad("sq_head outside the submitted range"));
         }
