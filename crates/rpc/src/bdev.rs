@@ -1,6 +1,7 @@
 //! The bdev layer's methods, with SPDK's names and parameters: `bdev_get_bdevs`,
 //! `bdev_get_iostat`, `bdev_{malloc,null,aio,uring}_{create,delete}`,
-//! `bdev_nvme_attach_controller` / `bdev_nvme_detach_controller`, `bdev_wait_for_examine`;
+//! `bdev_nvme_attach_controller` / `bdev_nvme_detach_controller`,
+//! `bdev_virtio_attach_controller` / `bdev_virtio_detach_controller`, `bdev_wait_for_examine`;
 //! and the `bdev` subsystem of `save_config`.
 //!
 //! Creation reuses the modules' own parse functions (the ones `-c` config files go through),
@@ -19,6 +20,7 @@ use pollux_bdev::modules::{aio, malloc, null, uring};
 use pollux_bdev::{clock, BdevError, BdevInfo, BdevRegistry, IoType};
 use pollux_env::dma::DmaMemory;
 use pollux_nvme::bdev::{self as nvme, NvmeModule, PendingAttach};
+use pollux_virtio::bdev::{self as virtio, VirtioModule};
 use serde_json::{json, Map, Value};
 
 use crate::error::{code, RpcError, ServerError};
@@ -118,6 +120,18 @@ pub fn register_bdev(methods: &mut RpcMethods, bdev: BdevRpc) -> Result<(), Serv
         nvme::DETACH_METHOD,
         Allowed::Runtime,
         move |_ctx, params| nvme_detach(&ctx, params),
+    )?;
+    let ctx = bdev.clone();
+    methods.register_sync(
+        virtio::ATTACH_METHOD,
+        Allowed::Runtime,
+        move |_ctx, params| virtio_attach(&ctx, params),
+    )?;
+    let ctx = bdev.clone();
+    methods.register_sync(
+        virtio::DETACH_METHOD,
+        Allowed::Runtime,
+        move |_ctx, params| virtio_detach(&ctx, params),
     )?;
     // SPDK's save_config writes it; there is no asynchronous examine to wait for.
     methods.register_sync("bdev_wait_for_examine", Allowed::Any, |_ctx, params| {
@@ -233,6 +247,52 @@ fn nvme_detach(bdev: &BdevRpc, params: &Params) -> Result<Value, RpcError> {
     Ok(Value::Bool(true))
 }
 
+/// `bdev_virtio_attach_controller`: connects to the vhost-user socket and answers the list of
+/// created bdevs (one for `dev_type` blk), as SPDK does.
+fn virtio_attach(bdev: &BdevRpc, params: &Params) -> Result<Value, RpcError> {
+    let options = virtio::parse_attach_options(&params.as_bdev()?)?;
+    let name = options.name.clone();
+    if VirtioModule::global().controller_names().contains(&name) {
+        return Err(RpcError::new(
+            code::EEXIST,
+            format!(
+                "{}: a virtio controller named {name:?} is already attached",
+                params.method()
+            ),
+        ));
+    }
+    let Some(dma) = bdev.dma.as_ref() else {
+        return Err(RpcError::new(
+            code::INVALID_PARAMS,
+            format!("{}: this app has no DMA memory to share", params.method()),
+        ));
+    };
+    let info = VirtioModule::global().attach_controller(&bdev.registry, dma, options)?;
+    tracing::info!(controller = %name, bdev = %info.name, "rpc: virtio controller attached");
+    Ok(json!([info.name]))
+}
+
+/// `bdev_virtio_detach_controller`: refused while a user (a vhost controller) claims its bdev.
+fn virtio_detach(bdev: &BdevRpc, params: &Params) -> Result<Value, RpcError> {
+    let request = virtio::parse_detach(&params.as_bdev()?)?;
+    let method = params.method();
+    if !VirtioModule::global()
+        .controller_names()
+        .contains(&request.name)
+    {
+        return Err(RpcError::new(
+            code::ENODEV,
+            format!(
+                "{method}: parameter \"name\": no virtio controller named {:?} is attached",
+                request.name
+            ),
+        ));
+    }
+    refuse_claimed(&bdev.registry, method, &request.name)?;
+    VirtioModule::global().detach_controller(&bdev.registry, &request.name)?;
+    Ok(Value::Bool(true))
+}
+
 /// SPDK's product names, by module.
 fn product_name(module: &str) -> &str {
     match module {
@@ -241,6 +301,7 @@ fn product_name(module: &str) -> &str {
         "aio" => "AIO disk",
         "uring" => "URING bdev",
         "nvme" => "NVMe disk",
+        "virtio_blk" => "VirtioBlk Disk",
         other => other,
     }
 }
