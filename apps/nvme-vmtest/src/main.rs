@@ -329,6 +329,7 @@ fn run_tests<R: Registers>(
         depth: 64,
         list_pages: 1,
         timeout: Some(Duration::from_secs(30)),
+        ..QueuePairOptions::default()
     };
     let qpair_count = args.qpairs.clamp(
         1,
@@ -364,6 +365,7 @@ fn run_tests<R: Registers>(
         depth: 32,
         list_pages: 1,
         timeout: Some(Duration::from_secs(30)),
+        ..QueuePairOptions::default()
     };
     let mut small = ctrlr
         .alloc_io_qpair(&wrap_options)
