@@ -17,6 +17,10 @@
 #                            disk image). Optionally suite_host_check VARIANT: run on the host
 #                            after the guest passed and QEMU exited (e.g. to check disk images);
 #                            a non-zero status fails the variant.
+#                            Optionally suite_host_start VARIANT / suite_host_stop VARIANT: run
+#                            on the host before QEMU boots (e.g. to start a daemon the guest's
+#                            devices connect to) and after QEMU exited, whatever the outcome;
+#                            a non-zero status from suite_host_start fails the variant.
 #                            Optionally SUITE_HOST_BINS: host executables (absolute paths, e.g.
 #                            /usr/bin/fio) to put in the guest's /bin with their shared libraries.
 #                            Optionally SUITE_BENCHMARK=1: the suite measures rather than tests;
@@ -242,6 +246,16 @@ run_variant() {
     )
     log "$suite/$variant: booting (log: $log_file)"
     printf '%q ' "${qemu[@]}" > "$log_file.cmd"
+    if declare -F suite_host_start >/dev/null; then
+        local start_rc=0
+        suite_host_start "$variant" > "$log_file.host" 2>&1 || start_rc=$?
+        if [[ "$start_rc" -ne 0 ]]; then
+            declare -F suite_host_stop >/dev/null && suite_host_stop "$variant" >> "$log_file.host" 2>&1
+            log "$suite/$variant: FAIL: suite_host_start failed (status $start_rc); see $log_file.host"
+            tail -n 20 "$log_file.host" >&2
+            return 1
+        fi
+    fi
     local start=$SECONDS rc=0
     if [[ "$VERBOSE" == 1 ]]; then
         timeout -k 10 "$TIMEOUT_S" "${qemu[@]}" < /dev/null 2>&1 | tee "$log_file" || rc=$?
@@ -250,8 +264,15 @@ run_variant() {
     fi
     local elapsed=$((SECONDS - start))
     local failure=""
+    if declare -F suite_host_stop >/dev/null; then
+        local stop_rc=0
+        suite_host_stop "$variant" >> "$log_file.host" 2>&1 || stop_rc=$?
+        [[ "$stop_rc" -eq 0 ]] || failure="suite_host_stop failed (status $stop_rc); see $log_file.host"
+    fi
     if [[ "$rc" -eq 124 || "$rc" -eq 137 ]]; then
         failure="guest killed after ${TIMEOUT_S}s (hung?)"
+    elif [[ -n "$failure" ]]; then
+        :
     elif [[ "$rc" -ne 0 ]]; then
         failure="qemu exited with status $rc"
     elif grep -q "$DMA_FAULT_PATTERN" "$log_file"; then
@@ -279,7 +300,7 @@ run_suite() {
         die "unknown suite '$suite' (known: $(list_suites | tr '\n' ' '))"
     SUITE_PACKAGES=() SUITE_BINS=() SUITE_HOST_BINS=() SUITE_MODULES=() SUITE_VARIANTS=()
     SUITE_BENCHMARK=0
-    unset -f suite_qemu_args suite_host_check
+    unset -f suite_qemu_args suite_host_check suite_host_start suite_host_stop
     # shellcheck source=/dev/null
     source "$VM_DIR/$suite.conf"
     declare -F suite_qemu_args >/dev/null || die "$suite.conf defines no suite_qemu_args"

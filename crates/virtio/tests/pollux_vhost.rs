@@ -219,9 +219,6 @@ fn packed_rings_against_pollux_vhost() {
 }
 
 #[test]
-#[ignore = "pollux-vhost reads the split avail.idx as two bytes (crates/vhost guest_memory.rs \
-            read_u16 = read_volatile of [u8; 2]) and sees torn indices: enable once it is one \
-            16-bit load"]
 fn split_rings_against_pollux_vhost() {
     round_trip(false);
 }
