@@ -22,9 +22,8 @@
 #   POLLUX_VHOST   the pollux-vhost binary [target/release/pollux-vhost, built when
 #                  apps/pollux-vhost exists]
 #   TARGETS        which targets to run ["qsd-null qsd-file pollux-null pollux-malloc"]
-#   POLLUX_RING    ring layout against pollux-vhost, split or packed [packed: pollux-vhost
-#                  misreads split rings under load as of this writing, see docs/ARCHITECTURE.md;
-#                  qemu-storage-daemon offers split rings only]
+#   POLLUX_RING    ring layout against pollux-vhost, split or packed [split, as against
+#                  qemu-storage-daemon, which offers split rings only]
 #
 # Needs qemu-storage-daemon (Debian's qemu-system-common), jq and taskset. Writes nothing
 # outside FILE and a temp folder.
@@ -39,7 +38,7 @@ FILE=${FILE:-/dev/shm/pollux-compare-vhost.img}
 SIZE_MIB=${SIZE_MIB:-1024}
 MALLOC_MIB=${MALLOC_MIB:-512}
 TARGETS=${TARGETS:-qsd-null qsd-file pollux-null pollux-malloc}
-POLLUX_RING=${POLLUX_RING:-packed}
+POLLUX_RING=${POLLUX_RING:-split}
 IO_SIZE_BYTES=4096
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
