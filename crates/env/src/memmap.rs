@@ -101,6 +101,17 @@ impl Region {
     fn contains(&self, vaddr: u64) -> bool {
         self.vaddr <= vaddr && vaddr < self.end()
     }
+
+    /// The translation of `[vaddr, vaddr + len)`'s first bytes; `vaddr` must be inside.
+    #[inline(always)]
+    fn translation(&self, vaddr: u64, len: u64) -> Translation {
+        let offset = vaddr - self.vaddr;
+        Translation {
+            // Registration checked that `iova + len` does not overflow.
+            iova: self.iova + offset,
+            len: len.min(self.len - offset),
+        }
+    }
 }
 
 impl fmt::Debug for Region {
@@ -288,11 +299,7 @@ impl MemMap {
             && vaddr < cache.region.end()
             && len != 0
         {
-            let offset = vaddr - cache.region.vaddr;
-            return Ok(Translation {
-                iova: cache.region.iova + offset,
-                len: len.min(cache.region.len - offset),
-            });
+            return Ok(cache.region.translation(vaddr, len));
         }
         self.translate_and_fill(cache, generation, vaddr, len)
     }
@@ -307,22 +314,24 @@ impl MemMap {
         vaddr: u64,
         len: u64,
     ) -> Result<Translation, TranslationError> {
+        let region = self.region_of(vaddr, len)?;
+        *cache = TranslationCache { generation, region };
+        Ok(region.translation(vaddr, len))
+    }
+
+    /// The region holding `vaddr` (for a non-empty range): one snapshot load, a binary search.
+    #[inline]
+    fn region_of(&self, vaddr: u64, len: u64) -> Result<Region, TranslationError> {
         if len == 0 {
             return Err(TranslationError::ZeroLength { vaddr });
         }
         let regions = self.regions.load();
         let index = regions.partition_point(|region| region.vaddr <= vaddr);
-        let region = index
+        index
             .checked_sub(1)
             .map(|i| regions[i])
             .filter(|region| region.contains(vaddr))
-            .ok_or(TranslationError::NotRegistered { vaddr })?;
-        *cache = TranslationCache { generation, region };
-        let offset = vaddr - region.vaddr;
-        Ok(Translation {
-            iova: region.iova + offset,
-            len: len.min(region.len - offset),
-        })
+            .ok_or(TranslationError::NotRegistered { vaddr })
     }
 
     /// Translates the first bytes of `[vaddr, vaddr + len)`: the IOVA of `vaddr` and how many
@@ -330,22 +339,7 @@ impl MemMap {
     /// rest. Lock-free: one atomic load and a binary search.
     #[inline]
     pub fn translate(&self, vaddr: u64, len: u64) -> Result<Translation, TranslationError> {
-        if len == 0 {
-            return Err(TranslationError::ZeroLength { vaddr });
-        }
-        let regions = self.regions.load();
-        let index = regions.partition_point(|region| region.vaddr <= vaddr);
-        let region = index
-            .checked_sub(1)
-            .map(|i| regions[i])
-            .filter(|region| region.contains(vaddr))
-            .ok_or(TranslationError::NotRegistered { vaddr })?;
-        let offset = vaddr - region.vaddr;
-        Ok(Translation {
-            // Registration checked that `iova + region.len` does not overflow.
-            iova: region.iova + offset,
-            len: len.min(region.len - offset),
-        })
+        Ok(self.region_of(vaddr, len)?.translation(vaddr, len))
     }
 
     /// Translates all of `[vaddr, vaddr + len)`, one [`Translation`] per contiguous fragment,
