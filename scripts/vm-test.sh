@@ -23,6 +23,11 @@
 #                            a non-zero status from suite_host_start fails the variant.
 #                            Optionally SUITE_HOST_BINS: host executables (absolute paths, e.g.
 #                            /usr/bin/fio) to put in the guest's /bin with their shared libraries.
+#                            Optionally SUITE_SMP: the guest's vCPU count (default 1).
+#                            Optionally SUITE_MEM: the guest's RAM, as QEMU's -m (default 1G); a
+#                            suite with its own memory backend sizes it the same.
+#                            Optionally SUITE_HOST_PACKAGES: Debian packages the suite needs on
+#                            the host (e.g. fio for SUITE_HOST_BINS), installed when missing.
 #                            Optionally SUITE_BENCHMARK=1: the suite measures rather than tests;
 #                            `all` and `--list` leave it out (with a note on stderr), since CI
 #                            time is limited: run it by name.
@@ -114,6 +119,19 @@ ensure_host_tools() {
     log "installing qemu-system-x86 qemu-utils=$qemu_version busybox-static cpio kmod"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         --allow-downgrades qemu-system-x86 "qemu-utils=$qemu_version" busybox-static cpio kmod
+}
+
+# Installs the Debian packages named in the arguments that are not installed yet.
+ensure_host_packages() {
+    local -a missing=()
+    local package
+    for package in "$@"; do
+        dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+    done
+    [[ "${#missing[@]}" -gt 0 ]] || return 0
+    apt_update_once
+    log "installing ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
 # Sets KERNEL_ROOT, KERNEL_VERSION and KERNEL_IMAGE: Debian's current amd64 kernel package,
@@ -238,7 +256,7 @@ run_variant() {
     # shellcheck disable=SC2054 # commas separate QEMU sub-options, not array elements
     local -a qemu=(
         qemu-system-x86_64
-        -machine q35,kernel-irqchip=split -accel tcg -smp 1 -m 1G
+        -machine q35,kernel-irqchip=split -accel tcg -smp "$SUITE_SMP" -m "$SUITE_MEM"
         -nographic -no-reboot -monitor none
         -kernel "$KERNEL_IMAGE" -initrd "$INITRAMFS"
         -append "console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pollux.suite=$suite pollux.variant=$variant"
@@ -299,19 +317,22 @@ run_suite() {
     [[ -f "$VM_DIR/$suite.conf" && -f "$VM_DIR/$suite.sh" ]] ||
         die "unknown suite '$suite' (known: $(list_suites | tr '\n' ' '))"
     SUITE_PACKAGES=() SUITE_BINS=() SUITE_HOST_BINS=() SUITE_MODULES=() SUITE_VARIANTS=()
-    SUITE_BENCHMARK=0
+    SUITE_BENCHMARK=0 SUITE_SMP=1 SUITE_MEM=1G SUITE_HOST_PACKAGES=()
     unset -f suite_qemu_args suite_host_check suite_host_start suite_host_stop
     # shellcheck source=/dev/null
     source "$VM_DIR/$suite.conf"
     declare -F suite_qemu_args >/dev/null || die "$suite.conf defines no suite_qemu_args"
     [[ "${#SUITE_VARIANTS[@]}" -gt 0 ]] || die "$suite.conf defines no SUITE_VARIANTS"
+    ensure_host_packages "${SUITE_HOST_PACKAGES[@]}" ||
+        { log "$suite: FAIL: cannot install ${SUITE_HOST_PACKAGES[*]}"; return 1; }
 
     if [[ "${#SUITE_PACKAGES[@]}" -gt 0 ]]; then
         local -a packages=()
         local package
         for package in "${SUITE_PACKAGES[@]}"; do packages+=(-p "$package"); done
         log "$suite: cargo build --release ${packages[*]}"
-        (cd "$REPO" && cargo build --release --quiet "${packages[@]}")
+        (cd "$REPO" && cargo build --release --quiet "${packages[@]}") ||
+            { log "$suite: FAIL: cargo build failed"; return 1; }
     fi
     build_initramfs "$suite"
 

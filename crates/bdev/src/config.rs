@@ -77,8 +77,8 @@ impl MethodTable {
     }
 
     /// Every module that ships with Pollux: `bdev_malloc_create`, `bdev_null_create`,
-    /// `bdev_aio_create` and `bdev_uring_create`; and the ignored `bdev_set_options` and
-    /// `bdev_wait_for_examine`.
+    /// `bdev_aio_create`, `bdev_uring_create` and `bdev_delay_create`; and the ignored
+    /// `bdev_set_options` and `bdev_wait_for_examine`.
     pub fn with_builtin() -> Self {
         let mut table = Self::empty();
         table
@@ -94,6 +94,10 @@ impl MethodTable {
         table.methods.insert(
             crate::modules::uring::METHOD.to_string(),
             Method::Create(crate::modules::uring::parse),
+        );
+        table.methods.insert(
+            crate::modules::delay::METHOD.to_string(),
+            Method::Create(crate::modules::delay::parse),
         );
         for ignored in ["bdev_set_options", "bdev_wait_for_examine"] {
             table.methods.insert(ignored.to_string(), Method::Ignore);

@@ -9,10 +9,11 @@
 //!   unmap, write zeroes, reset; a fixed pool of request slots; completions handed to the
 //!   submitter from [`BdevChannel::poll`]; per-channel [`IoStats`].
 //! - [`module`]: the interface a backend implements; [`modules`]: malloc (a RAM disk), null
-//!   (no data), aio (a file or block device through Linux native AIO) and uring (the same
-//!   through io_uring).
+//!   (no data), aio (a file or block device through Linux native AIO), uring (the same
+//!   through io_uring) and delay (a virtual bdev that holds another's completions back by a
+//!   configured latency, as SPDK's `bdev_delay_create`).
 //! - [`config`]: SPDK's JSON configuration (`bdev_malloc_create`, `bdev_null_create`,
-//!   `bdev_aio_create`, `bdev_uring_create`).
+//!   `bdev_aio_create`, `bdev_uring_create`, `bdev_delay_create`).
 //!
 //! `unsafe` in the layer itself: only the TSC read in `clock`. In the modules: malloc's
 //! copies between its disk and the caller's memory; aio's raw system calls (`io_setup`,

@@ -391,7 +391,10 @@ impl BlkBackend {
                 }
             }
         }
-        tracing::info!(ctrlr = %self.ctrl.name, regions = mem.len(), "vhost: memory table set");
+        // The page sizes say whether guest RAM came in huge pages (the vhost VM suite's
+        // hugepage variants check for 2097152 here).
+        let page_sizes: Vec<u64> = mem.regions().map(|r| r.page_size()).collect();
+        tracing::info!(ctrlr = %self.ctrl.name, regions = mem.len(), ?page_sizes, "vhost: memory table set");
         self.mem = mem;
         for index in 0..self.vrings.len() {
             if let Err(error) = self.maybe_start(index) {

@@ -94,11 +94,57 @@ pub struct RegionSpec {
     pub mmap_offset: u64,
 }
 
+/// The part of a region's file that is mapped, aligned to the file's page size.
+///
+/// hugetlbfs files and memfds with MFD_HUGETLB report their page size as the block size
+/// (`st_blksize`) and accept only mappings whose file offset and length are multiples of it
+/// (mmap(2): EINVAL otherwise); QEMU's regions may start at offsets such as 0xc0000 inside one
+/// file. So the mapping starts at the page boundary at or below `mmap_offset`, ends at the
+/// page boundary at or above the region's end, and the region lies `delta` bytes into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MapWindow {
+    /// The page size used: the file's when it is a power of two from 4 KiB to 1 GiB, else
+    /// 4 KiB.
+    page_size: u64,
+    /// File offset of the mapping (a multiple of `page_size`).
+    map_offset: u64,
+    /// Where the region starts inside the mapping (below `page_size`).
+    delta: usize,
+    /// Length of the mapping (a multiple of `page_size`, at least `delta + size`).
+    len: usize,
+}
+
+impl MapWindow {
+    /// `None` when the aligned length overflows or does not fit this host's address space.
+    fn new(spec: RegionSpec, file_page_size: u64) -> Option<Self> {
+        let page_size =
+            if file_page_size.is_power_of_two() && (4096..=1 << 30).contains(&file_page_size) {
+                file_page_size
+            } else {
+                4096
+            };
+        let map_offset = spec.mmap_offset & !(page_size - 1);
+        let delta = spec.mmap_offset - map_offset;
+        let len = delta
+            .checked_add(spec.size)?
+            .checked_next_multiple_of(page_size)?;
+        Some(Self {
+            page_size,
+            map_offset,
+            delta: usize::try_from(delta).ok()?,
+            len: usize::try_from(len).ok()?,
+        })
+    }
+}
+
 /// One mapped region. Mapped at creation, unmapped and unregistered on drop.
 pub struct GuestRegion {
     spec: RegionSpec,
     /// Host address of the region's first byte (inside `map`).
     host: usize,
+    /// The backing file's page size the mapping was aligned to (2 MiB for hugetlbfs and
+    /// hugetlb memfds with 2 MiB pages).
+    page_size: u64,
     /// Registered in the global translation map as `[host, host + size)`.
     registered: bool,
     map: memmap2::MmapRaw,
@@ -111,6 +157,7 @@ impl std::fmt::Debug for GuestRegion {
             .field("size", &format_args!("{:#x}", self.spec.size))
             .field("uva", &format_args!("{:#x}", self.spec.uva))
             .field("host", &format_args!("{:#x}", self.host))
+            .field("page_size", &self.page_size)
             .finish()
     }
 }
@@ -129,26 +176,12 @@ impl GuestRegion {
             gpa: spec.gpa,
             size: spec.size,
         };
-        // hugetlbfs files and memfds with MFD_HUGETLB report their page size as the block
-        // size and accept only mappings whose offset and length are multiples of it (QEMU's
-        // regions start at offsets such as 0xc0000 inside one file): map from the page
-        // boundary below `mmap_offset` and point the region into the mapping.
         let page = file
             .metadata()
             .map(|m| std::os::unix::fs::MetadataExt::blksize(&m))
             .unwrap_or(4096);
-        let align = if page.is_power_of_two() && (4096..=1 << 30).contains(&page) {
-            page
-        } else {
-            4096
-        };
-        let map_offset = spec.mmap_offset & !(align - 1);
-        let delta = spec.mmap_offset - map_offset;
-        let map_len = delta
-            .checked_add(spec.size)
-            .and_then(|len| len.checked_next_multiple_of(align))
-            .ok_or_else(too_large)?;
-        let len = usize::try_from(map_len).map_err(|_| too_large())?;
+        let window = MapWindow::new(spec, page).ok_or_else(too_large)?;
+        let (map_offset, delta, len) = (window.map_offset, window.delta, window.len);
         let map = memmap2::MmapOptions::new()
             .offset(map_offset)
             .len(len)
@@ -157,11 +190,12 @@ impl GuestRegion {
         if map.len() != len {
             return Err(map_error(std::io::Error::other("short mapping")));
         }
-        // delta + size <= map_len: the region lies inside the mapping.
-        let host = map.as_mut_ptr() as usize + delta as usize;
+        // delta + size <= len (MapWindow::new): the region lies inside the mapping.
+        let host = map.as_mut_ptr() as usize + delta;
         let mut region = Self {
             spec,
             host,
+            page_size: window.page_size,
             registered: false,
             map,
         };
@@ -179,6 +213,12 @@ impl GuestRegion {
 
     pub fn spec(&self) -> RegionSpec {
         self.spec
+    }
+
+    /// The page size its mapping is aligned to (the file's: 4 KiB, or the huge page size of a
+    /// hugetlbfs file or hugetlb memfd).
+    pub fn page_size(&self) -> u64 {
+        self.page_size
     }
 
     /// Host address of the region's first byte.
@@ -695,6 +735,80 @@ mod tests {
         .expect("no callback error");
         assert_eq!(fragments.len(), 2);
         assert_eq!(fragments[0].1 + fragments[1].1, 0x1000);
+    }
+
+    fn spec(mmap_offset: u64, size: u64) -> RegionSpec {
+        RegionSpec {
+            gpa: 0,
+            size,
+            uva: 0x7000_0000_0000,
+            mmap_offset,
+        }
+    }
+
+    #[test]
+    fn map_windows_align_to_the_file_page_size() {
+        const HUGE_2M: u64 = 2 << 20;
+        // QEMU's low RAM region past the VGA hole on a hugetlb backend: 0xc0000 into the file.
+        assert_eq!(
+            MapWindow::new(spec(0xc0000, 0x3ff4_0000), HUGE_2M),
+            Some(MapWindow {
+                page_size: HUGE_2M,
+                map_offset: 0,
+                delta: 0xc0000,
+                len: 0x4000_0000,
+            })
+        );
+        // Inside a later huge page, ending mid-page: both ends rounded out.
+        assert_eq!(
+            MapWindow::new(spec(0x210_0000, 0x1000), HUGE_2M),
+            Some(MapWindow {
+                page_size: HUGE_2M,
+                map_offset: 0x200_0000,
+                delta: 0x10_0000,
+                len: 0x20_0000,
+            })
+        );
+        // 1 GiB pages are honoured too.
+        let window = MapWindow::new(spec(0x4000_0000, 0x1000), 1 << 30).expect("window");
+        assert_eq!(
+            (window.map_offset, window.delta, window.len),
+            (0x4000_0000, 0, 1 << 30)
+        );
+        // 4 KiB files map exactly the pages the region touches.
+        assert_eq!(
+            MapWindow::new(spec(0x3000, 0x4000), 4096),
+            Some(MapWindow {
+                page_size: 4096,
+                map_offset: 0x3000,
+                delta: 0,
+                len: 0x4000,
+            })
+        );
+        // A block size that is no page size (0, not a power of two, above 1 GiB): 4 KiB.
+        for odd in [0, 512, 3 << 20, 1 << 31] {
+            assert_eq!(
+                MapWindow::new(spec(0x1800, 0x1000), odd).map(|w| w.page_size),
+                Some(4096),
+                "{odd}"
+            );
+        }
+        // A length that overflows once rounded up is refused, not wrapped.
+        assert_eq!(MapWindow::new(spec(0x1000, u64::MAX - 0x800), 4096), None);
+        assert_eq!(MapWindow::new(spec(0, u64::MAX - 0x800), HUGE_2M), None);
+    }
+
+    #[test]
+    fn a_region_inside_its_first_page_maps_from_the_page_start() {
+        use std::os::unix::fs::FileExt;
+        // The region starts 0x800 into a 4 KiB page: mapped from the page, pointed into it.
+        let file = backing_file(0x4000);
+        file.write_all_at(b"edge", 0x1800).expect("file write");
+        let mem = GuestMemory::from_regions(&[(spec(0x1800, 0x1000), &file)], false).expect("map");
+        let region = mem.regions().next().expect("one region");
+        assert_eq!(region.page_size(), 4096);
+        let mut hint = 0;
+        assert_eq!(&mem.read_array::<4>(0, &mut hint).expect("read"), b"edge");
     }
 
     #[test]
