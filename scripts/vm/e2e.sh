@@ -37,7 +37,7 @@ cat > /tmp/target.json <<JSON
    "params":{"ctrlr":"vhost.0","dev_name":"Nvme0n1","cpumask":"0x1"}}]}]}
 JSON
 # shellcheck disable=SC2086 # $no_huge is empty or one flag
-RUST_LOG=info pollux-vhost -m 0x1 -S /tmp/vhost -c /tmp/target.json -s 64 $no_huge \
+RUST_LOG=info pollux-vhost -m 0x1 -S /tmp/vhost -r /tmp/pollux.sock -c /tmp/target.json -s 64 $no_huge \
     > /tmp/target.out 2>&1 &
 target=$!
 wait_for "[ -S /tmp/vhost/vhost.0 ]" 60 || { cat /tmp/target.out; fail "no socket /tmp/vhost/vhost.0"; }

@@ -5,6 +5,10 @@
 //!
 //! The jobs run on one thread per core of `-m`, created by the first run and reused; the
 //! answer is sent by the thread whose job finished last.
+//!
+//! The app thread polls the NVMe admin queues and, every `VIRTIO_ADMIN_POLL_US`, the
+//! virtio-user back-ends, so a virtio bdev attached over RPC whose back-end goes away is
+//! failed and removed, as in the normal mode.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,10 +24,11 @@ use pollux_rpc::{
     register_bdev, register_framework, Allowed, BdevRpc, Call, Reply, RpcError, RpcMethods,
     RpcServer, RpcServerConfig, RpcState,
 };
+use pollux_virtio::bdev::VirtioModule;
 
 use crate::args::Args;
 use crate::job::{JobSpec, RunShared};
-use crate::{report, start_jobs, NVME_ADMIN_POLL_US};
+use crate::{report, start_jobs, NVME_ADMIN_POLL_US, VIRTIO_ADMIN_POLL_US};
 
 /// DMA memory reserved beyond `-c`'s needs for bdevs created over RPC (without `-s`).
 pub const HEADROOM_BYTES: u64 = 256 << 20;
@@ -200,6 +205,7 @@ pub fn run(
     let failure: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let (server_slot, failure_slot) = (server.clone(), failure.clone());
     let socket = args.rpc_socket.clone();
+    let admin_registry = registry.clone();
     let app_result = app
         .run(move |ctx| {
             let config = RpcServerConfig {
@@ -229,12 +235,27 @@ pub fn run(
                     PollStatus::Idle
                 }
             });
-            ctx.on_exit(move |ctx| ctx.unregister_poller(admin));
+            // A virtio bdev attached over RPC must notice a lost back-end (hot remove), as
+            // in the normal mode.
+            let virtio_registry = admin_registry.clone();
+            let virtio_admin =
+                ctx.register_poller("virtio_admin", VIRTIO_ADMIN_POLL_US, move |_ctx| {
+                    if VirtioModule::global().poll_admin(&virtio_registry) > 0 {
+                        PollStatus::Busy
+                    } else {
+                        PollStatus::Idle
+                    }
+                });
+            ctx.on_exit(move |ctx| {
+                ctx.unregister_poller(admin);
+                ctx.unregister_poller(virtio_admin);
+            });
         })
         .map_err(|e| e.to_string());
     // Flush the last answers (spdk_kill_instance's) and remove the socket.
     drop(server.lock().unwrap_or_else(|p| p.into_inner()).take());
     NvmeModule::global().detach_all(&registry);
+    VirtioModule::global().detach_all(&registry);
     app_result?;
     if let Some(message) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(message);

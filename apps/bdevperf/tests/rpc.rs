@@ -1,6 +1,7 @@
 //! `bdevperf -z`: the app waits for RPC; bdevs are created over the socket, `perform_tests`
 //! runs the command line's workload and answers with the results, `spdk_kill_instance`
-//! stops it with status 0.
+//! stops it with status 0. A virtio bdev attached over RPC is removed once its back-end
+//! (qemu-storage-daemon, Debian's qemu-system-common) goes away.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -111,6 +112,75 @@ fn wait_for_rpc_create_bdevs_perform_tests_and_kill() {
     };
     assert!(status.success(), "exit status {status}");
     assert!(!perf.socket.exists(), "the socket file was removed");
+}
+
+/// A virtio bdev attached over RPC, with no job running (so no channel polls the socket):
+/// the app thread's `virtio_admin` poller notices the lost back-end and removes the bdev.
+#[test]
+fn virtio_bdev_attached_over_rpc_goes_when_its_back_end_dies() {
+    let dir = std::env::temp_dir().join(format!("bdevperf-rpc-virtio-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("image");
+    let vhost_socket = dir.join("vhost.0");
+    let mut daemon = Command::new("qemu-storage-daemon")
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=disk,filename={}",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},\
+             writable=on,num-queues=1",
+            vhost_socket.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|error| {
+            panic!(
+                "could not run qemu-storage-daemon ({error}): install Debian's \
+                 qemu-system-common (scripts/install-deps.sh --test)"
+            )
+        });
+    wait_for_socket(&vhost_socket);
+    let perf = Bdevperf::start("virtio", &["-w", "randread"]);
+    let mut rpc = perf.client();
+    let attached = rpc
+        .call(
+            "bdev_virtio_attach_controller",
+            Some(json!({"name": "VirtioUser0", "trtype": "user",
+                        "traddr": vhost_socket.display().to_string(),
+                        "dev_type": "blk", "vq_count": 1})),
+        )
+        .expect("bdev_virtio_attach_controller");
+    assert_eq!(attached, json!(["VirtioUser0"]));
+    let names = |rpc: &mut RpcClient| -> Vec<String> {
+        let bdevs = rpc.call("bdev_get_bdevs", None).expect("bdev_get_bdevs");
+        bdevs
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|b| b["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(names(&mut rpc), ["VirtioUser0"]);
+
+    daemon.kill().expect("kill the daemon");
+    let _ = daemon.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !names(&mut rpc).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the virtio bdev was never removed after its back-end died"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

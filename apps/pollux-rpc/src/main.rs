@@ -90,6 +90,10 @@ enum Command {
     BdevNullCreate(NullCreate),
     /// Delete a null bdev.
     BdevNullDelete { name: String },
+    /// Create a delay bdev over another bdev (latencies in microseconds).
+    BdevDelayCreate(DelayCreate),
+    /// Delete a delay bdev.
+    BdevDelayDelete { name: String },
     /// Create a bdev on a file or block device through Linux AIO.
     BdevAioCreate(AioCreate),
     /// Delete an aio bdev.
@@ -116,6 +120,14 @@ enum Command {
     },
     /// Delete a vhost controller.
     VhostDeleteController { ctrlr: String },
+    /// Set a vhost controller's interrupt coalescing (delay_base_us 0: off).
+    VhostControllerSetCoalescing {
+        ctrlr: String,
+        /// Base delay of a notification, in microseconds.
+        delay_base_us: u32,
+        /// Requests per second above which notifications are delayed.
+        iops_threshold: u32,
+    },
     /// bdevperf -z: run the configured workload and print its results.
     PerformTests,
     /// Any method, with its params as one JSON object.
@@ -147,6 +159,31 @@ struct NullCreate {
     total_size: f64,
     /// Block size in bytes.
     block_size: u64,
+    /// UUID of the bdev.
+    #[arg(short = 'u', long = "uuid")]
+    uuid: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct DelayCreate {
+    /// The bdev to delay.
+    #[arg(short = 'b', long = "base-bdev-name")]
+    base_bdev_name: String,
+    /// Name of the delay bdev.
+    #[arg(short = 'd', long = "name")]
+    name: String,
+    /// Average read latency (us).
+    #[arg(short = 'r', long = "avg-read-latency")]
+    avg_read_latency: u64,
+    /// p99 read latency (us).
+    #[arg(short = 't', long = "nine-nine-read-latency")]
+    p99_read_latency: u64,
+    /// Average write latency (us).
+    #[arg(short = 'w', long = "avg-write-latency")]
+    avg_write_latency: u64,
+    /// p99 write latency (us).
+    #[arg(short = 'n', long = "nine-nine-write-latency")]
+    p99_write_latency: u64,
     /// UUID of the bdev.
     #[arg(short = 'u', long = "uuid")]
     uuid: Option<String>,
@@ -245,6 +282,12 @@ struct VhostCreateBlk {
     /// Offer packed virtqueues.
     #[arg(short = 'p', long = "packed_ring")]
     packed_ring: bool,
+    /// Packed ring live recovery (SPDK's; Pollux refuses it).
+    #[arg(short = 'l', long = "packed_ring_recovery")]
+    packed_ring_recovery: bool,
+    /// Virtio-blk transport (vhost_user_blk, the default).
+    #[arg(long = "transport")]
+    transport: Option<String>,
 }
 
 /// `{key: value}` for each present value.
@@ -341,6 +384,18 @@ fn request(command: &Command) -> Result<(String, Option<Value>), String> {
                 .opt("uuid", a.uuid.clone())
                 .build(),
         ),
+        Command::BdevDelayCreate(a) => (
+            "bdev_delay_create",
+            p().set("base_bdev_name", a.base_bdev_name.as_str())
+                .set("name", a.name.as_str())
+                .set("avg_read_latency", a.avg_read_latency)
+                .set("p99_read_latency", a.p99_read_latency)
+                .set("avg_write_latency", a.avg_write_latency)
+                .set("p99_write_latency", a.p99_write_latency)
+                .opt("uuid", a.uuid.clone())
+                .build(),
+        ),
+        Command::BdevDelayDelete { name } => ("bdev_delay_delete", name_param(name)),
         Command::BdevAioCreate(a) => (
             "bdev_aio_create",
             p().set("name", a.name.as_str())
@@ -399,6 +454,8 @@ fn request(command: &Command) -> Result<(String, Option<Value>), String> {
                 .opt("cpumask", a.cpumask.clone())
                 .flag("readonly", a.readonly)
                 .flag("packed_ring", a.packed_ring)
+                .flag("packed_ring_recovery", a.packed_ring_recovery)
+                .opt("transport", a.transport.clone())
                 .build(),
         ),
         Command::VhostGetControllers { name } => (
@@ -408,6 +465,17 @@ fn request(command: &Command) -> Result<(String, Option<Value>), String> {
         Command::VhostDeleteController { ctrlr } => (
             "vhost_delete_controller",
             p().set("ctrlr", ctrlr.as_str()).build(),
+        ),
+        Command::VhostControllerSetCoalescing {
+            ctrlr,
+            delay_base_us,
+            iops_threshold,
+        } => (
+            "vhost_controller_set_coalescing",
+            p().set("ctrlr", ctrlr.as_str())
+                .set("delay_base_us", *delay_base_us)
+                .set("iops_threshold", *iops_threshold)
+                .build(),
         ),
         Command::PerformTests => ("perform_tests", None),
         Command::Call { method, params } => {
@@ -517,6 +585,29 @@ mod tests {
         );
         assert_eq!(
             parse(&[
+                "bdev_delay_create",
+                "-b",
+                "Null0",
+                "-d",
+                "Delay0",
+                "-r",
+                "10",
+                "-t",
+                "20",
+                "-w",
+                "30",
+                "-n",
+                "40"
+            ])
+            .1,
+            Some(
+                json!({"base_bdev_name": "Null0", "name": "Delay0", "avg_read_latency": 10,
+                        "p99_read_latency": 20, "avg_write_latency": 30,
+                        "p99_write_latency": 40})
+            )
+        );
+        assert_eq!(
+            parse(&[
                 "vhost_create_blk_controller",
                 "vhost.0",
                 "Malloc0",
@@ -581,6 +672,24 @@ mod tests {
             ])
             .1,
             Some(json!({"name": "vhost.0"}))
+        );
+        assert_eq!(
+            parse(&["vhost_controller_set_coalescing", "vhost.0", "80", "5000"]),
+            (
+                "vhost_controller_set_coalescing".to_string(),
+                Some(json!({"ctrlr": "vhost.0", "delay_base_us": 80, "iops_threshold": 5000}))
+            )
+        );
+        assert_eq!(
+            parse(&[
+                "vhost_create_blk_controller",
+                "vhost.1",
+                "Malloc1",
+                "--transport",
+                "vhost_user_blk"
+            ])
+            .1,
+            Some(json!({"ctrlr": "vhost.1", "dev_name": "Malloc1", "transport": "vhost_user_blk"}))
         );
     }
 

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use pollux_bdev::config::{CreateContext, ParseFn};
-use pollux_bdev::modules::{aio, malloc, null, uring};
+use pollux_bdev::modules::{aio, delay, malloc, null, uring};
 use pollux_bdev::{clock, BdevError, BdevInfo, BdevRegistry, IoType};
 use pollux_env::dma::DmaMemory;
 use pollux_nvme::bdev::{self as nvme, NvmeModule, PendingAttach};
@@ -77,7 +77,8 @@ pub fn pcie_attach(
 
 /// Registers the bdev methods and the `bdev` subsystem of `save_config`.
 pub fn register_bdev(methods: &mut RpcMethods, bdev: BdevRpc) -> Result<(), ServerError> {
-    let creators: [(&str, ParseFn); 4] = [
+    let creators: [(&str, ParseFn); 5] = [
+        (delay::METHOD, delay::parse),
         (malloc::METHOD, malloc::parse),
         (null::METHOD, null::parse),
         (aio::METHOD, aio::parse),
@@ -90,6 +91,7 @@ pub fn register_bdev(methods: &mut RpcMethods, bdev: BdevRpc) -> Result<(), Serv
         })?;
     }
     let deleters = [
+        ("bdev_delay_delete", "delay"),
         ("bdev_malloc_delete", "malloc"),
         ("bdev_null_delete", "null"),
         ("bdev_aio_delete", "aio"),
@@ -176,7 +178,7 @@ fn refuse_claimed(registry: &BdevRegistry, method: &str, name: &str) -> Result<(
         Some(owner) => Err(RpcError::new(
             code::EBUSY,
             format!(
-                "{method}: bdev {name:?} is claimed by {owner:?} (exclusive write); remove {owner:?} first"
+                "{method}: bdev {name:?} is in use: claimed by {owner:?} (exclusive write); remove that user first (a vhost controller: vhost_delete_controller)"
             ),
         )),
         None => Ok(()),

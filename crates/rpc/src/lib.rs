@@ -13,9 +13,12 @@
 //!   `thread_get_stats`, `save_config`, `framework_start_init`, `spdk_kill_instance`.
 //! - [`register_bdev`]: `bdev_get_bdevs`, `bdev_get_iostat`, the malloc / null / aio / uring
 //!   create and delete methods, `bdev_nvme_attach_controller` / `bdev_nvme_detach_controller`.
+//! - [`register_vhost`]: `vhost_create_blk_controller`, `vhost_get_controllers`,
+//!   `vhost_delete_controller`, `vhost_controller_set_coalescing` on a
+//!   [`pollux_vhost::VhostTarget`], and the `vhost_blk` subsystem of `save_config`.
 //! - [`load_config`]: loads a configuration (`-c`, or `save_config`'s output) by replaying
 //!   each entry through the methods, as SPDK does, so every subsystem that registered its
-//!   methods (bdev now; vhost_blk, virtio later) is recreated with no second parser.
+//!   methods (bdev, vhost_blk) is recreated with no second parser.
 //! - [`RpcClient`]: a blocking client that sends exactly what rpc.py sends.
 //!
 //! # Errors
@@ -123,6 +126,7 @@ mod framing;
 mod methods;
 mod server;
 mod sys;
+mod vhost;
 
 pub use bdev::{pcie_attach, register_bdev, BdevRpc, NvmeAttachFn};
 pub use builtin::{register_framework, version, StartInit, TICK_RATE};
@@ -136,5 +140,6 @@ pub use server::{
     RpcServer, RpcServerConfig, DEFAULT_SOCKET_PATH, MAX_UNSENT_BYTES, READ_CHUNK_BYTES,
     WRITE_CHUNK_BYTES,
 };
+pub use vhost::register_vhost;
 
 pub use pollux_reactor::ThreadCtx;

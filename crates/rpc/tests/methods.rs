@@ -255,6 +255,47 @@ fn null_create_delete_and_module_mismatch() {
     assert!(target.registry.names().is_empty());
 }
 
+#[test]
+fn delay_create_claims_its_base_and_deletes() {
+    let target = Target::start();
+    target.ok(
+        "bdev_null_create",
+        Some(json!({"name": "Base0", "num_blocks": 2048, "block_size": 512})),
+    );
+    // `rpc.py bdev_delay_create -b Base0 -d Delay0 -r 100 -t 200 -w 300 -n 400`
+    let params = json!({"base_bdev_name": "Base0", "name": "Delay0", "avg_read_latency": 100,
+                        "p99_read_latency": 200, "avg_write_latency": 300,
+                        "p99_write_latency": 400});
+    assert_eq!(target.ok("bdev_delay_create", Some(params)), "Delay0");
+    target.fails(
+        "bdev_delay_create",
+        Some(
+            json!({"base_bdev_name": "Base0", "name": "Delay1", "avg_read_latency": 100,
+                    "p99_read_latency": 50, "avg_write_latency": 1, "p99_write_latency": 1}),
+        ),
+        code::INVALID_PARAMS,
+        "\"p99_read_latency\"",
+    );
+    let bdevs = target.ok("bdev_get_bdevs", Some(json!({"name": "Base0"})));
+    assert_eq!(bdevs[0]["claimed"], true, "the delay bdev claims its base");
+    target.fails(
+        "bdev_null_delete",
+        Some(json!({"name": "Base0"})),
+        code::EBUSY,
+        "Base0",
+    );
+    assert_eq!(
+        target.ok("bdev_delay_delete", Some(json!({"name": "Delay0"}))),
+        true
+    );
+    assert_eq!(
+        target.ok("bdev_null_delete", Some(json!({"name": "Base0"}))),
+        true,
+        "the claim went with the delay bdev"
+    );
+    assert!(target.registry.names().is_empty());
+}
+
 fn temp_file(name: &str, len: u64) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("pollux-rpc-{}-{name}", std::process::id()));
     let file = std::fs::File::create(&path).expect("create file");

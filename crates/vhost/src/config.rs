@@ -182,7 +182,14 @@ pub fn parse_create(
                 .ok_or_else(|| bad("num_queues", "must be an integer up to 256"))?,
         ),
     };
-    boolean("packed_ring_recovery")?;
+    // SPDK's default is false; Pollux does not track packed rings across a reconnect.
+    if boolean("packed_ring_recovery")? {
+        return Err(bad(
+            "packed_ring_recovery",
+            "= true is not supported by Pollux (packed rings are not tracked across a \
+             reconnect); leave it out or use false",
+        ));
+    }
     Ok(ControllerOptions {
         ctrlr: ctrlr.to_string(),
         dev_name: dev_name.to_string(),
@@ -282,5 +289,16 @@ mod tests {
             {"method": "vhost_create_blk_controller", "params": {"ctrlr": "x", "dev_name": "b"}}
         ]}]});
         assert!(parse(&twice, Path::new("t.json")).is_err());
+        let recovery = |on: bool| {
+            json!({"subsystems": [{"subsystem": "vhost_blk", "config": [
+                {"method": "vhost_create_blk_controller",
+                 "params": {"ctrlr": "x", "dev_name": "a", "packed_ring": true, "packed_ring_recovery": on}}
+            ]}]})
+        };
+        assert!(parse(&recovery(false), Path::new("t.json")).is_ok());
+        assert!(matches!(
+            parse(&recovery(true), Path::new("t.json")),
+            Err(ConfigError::Param { param, .. }) if param == "packed_ring_recovery"
+        ));
     }
 }

@@ -138,9 +138,10 @@ impl ControllerInfo {
         })
     }
 
-    /// The `vhost_create_blk_controller` entry that recreates it (for `save_config`).
+    /// The `vhost_create_blk_controller` entry that recreates it (for `save_config`);
+    /// `num_queues` (Pollux's, not SPDK's) only when it is not the default.
     pub fn to_config(&self) -> Value {
-        json!({
+        let mut entry = json!({
             "method": "vhost_create_blk_controller",
             "params": {
                 "ctrlr": self.ctrlr,
@@ -149,7 +150,11 @@ impl ControllerInfo {
                 "readonly": self.readonly,
                 "packed_ring": self.packed_ring,
             }
-        })
+        });
+        if self.num_queues != DEFAULT_NUM_QUEUES {
+            entry["params"]["num_queues"] = json!(self.num_queues);
+        }
+        entry
     }
 }
 

@@ -67,6 +67,9 @@ impl Target {
             .arg(&dir)
             .arg("-c")
             .arg(&config_path)
+            // An RPC socket of its own: the default one is shared by every target.
+            .arg("-r")
+            .arg(dir.join("rpc.sock"))
             .arg("--no-huge")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

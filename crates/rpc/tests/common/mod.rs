@@ -17,9 +17,10 @@ use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
 use pollux_reactor::{App, AppConfig, AppHandle, PollStatus};
 use pollux_rpc::{
-    register_bdev, register_framework, BdevRpc, ClientError, RpcClient, RpcError, RpcMethods,
-    RpcServer, RpcServerConfig, RpcState,
+    register_bdev, register_framework, register_vhost, BdevRpc, ClientError, RpcClient, RpcError,
+    RpcMethods, RpcServer, RpcServerConfig, RpcState,
 };
+use pollux_vhost::VhostTarget;
 use serde_json::Value;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -47,6 +48,8 @@ pub struct Target {
     pub dma: Arc<DmaMemory>,
     /// Runs of a 200 us timed poller on the app's reactor.
     pub ticks: Arc<AtomicU64>,
+    /// The vhost target, when [`Options::vhost_dir`] asked for one.
+    pub vhost: Option<Arc<VhostTarget>>,
     join: Option<JoinHandle<()>>,
     server: Arc<Mutex<Option<RpcServer>>>,
 }
@@ -62,6 +65,9 @@ pub struct Options {
     pub bdev: Option<Box<AdjustBdev>>,
     pub extra: Option<Box<AddMethods>>,
     pub start_init: Option<Box<pollux_rpc::StartInit>>,
+    /// Serve a vhost target (its methods registered after the bdev layer's) with its
+    /// controllers' sockets in this directory.
+    pub vhost_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -72,6 +78,7 @@ impl Default for Options {
             bdev: None,
             extra: None,
             start_init: None,
+            vhost_dir: None,
         }
     }
 }
@@ -89,12 +96,6 @@ impl Target {
         if let Some(adjust) = options.bdev {
             adjust(&mut bdev);
         }
-        let mut methods = RpcMethods::new(options.state);
-        register_framework(&mut methods, options.start_init).expect("framework methods");
-        register_bdev(&mut methods, bdev).expect("bdev methods");
-        if let Some(extra) = options.extra {
-            extra(&mut methods);
-        }
         let core = CpuMask::available().first().expect("a core");
         let app = App::new(AppConfig {
             name: "rpc-test".to_string(),
@@ -105,6 +106,17 @@ impl Target {
         })
         .expect("app");
         let handle = app.handle();
+        let mut methods = RpcMethods::new(options.state);
+        register_framework(&mut methods, options.start_init).expect("framework methods");
+        register_bdev(&mut methods, bdev).expect("bdev methods");
+        let vhost = options.vhost_dir.map(|dir| {
+            let target = VhostTarget::new(handle.clone(), registry.clone(), &dir);
+            register_vhost(&mut methods, target.clone()).expect("vhost methods");
+            target
+        });
+        if let Some(extra) = options.extra {
+            extra(&mut methods);
+        }
         let server: Arc<Mutex<Option<RpcServer>>> = Arc::new(Mutex::new(None));
         let ticks = Arc::new(AtomicU64::new(0));
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -140,6 +152,7 @@ impl Target {
             registry,
             dma,
             ticks,
+            vhost,
             join: Some(join),
             server,
         }
@@ -225,6 +238,9 @@ impl Drop for Target {
             let _ = join.join();
         }
         drop(self.server.lock().map(|mut s| s.take()));
+        if let Some(vhost) = &self.vhost {
+            vhost.shutdown();
+        }
     }
 }
 
