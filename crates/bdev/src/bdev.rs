@@ -60,6 +60,10 @@ struct BdevState {
     claim: Option<Claim>,
     /// Statistics of the channels already dropped.
     closed_stats: IoStats,
+    /// The latest snapshot each open channel published, by channel id (see
+    /// [`BdevChannel`](crate::BdevChannel)'s poll): what `stats` adds to the closed ones.
+    live_stats: Vec<(u64, IoStats)>,
+    next_channel_id: u64,
 }
 
 /// A registered bdev, shared by the registry, descriptors and channels.
@@ -80,8 +84,35 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl BdevShared {
-    pub(crate) fn add_closed_stats(&self, stats: &IoStats) {
-        lock(&self.state).closed_stats.merge(stats);
+    /// A new channel's id for [`publish_stats`](Self::publish_stats), with an empty snapshot.
+    pub(crate) fn open_channel_stats(&self) -> u64 {
+        let mut state = lock(&self.state);
+        let id = state.next_channel_id;
+        state.next_channel_id += 1;
+        state.live_stats.push((id, IoStats::default()));
+        id
+    }
+
+    /// Replaces channel `id`'s snapshot, unless the lock is busy (a reader is summing up):
+    /// the I/O path never waits; the next publication catches up.
+    pub(crate) fn publish_stats(&self, id: u64, stats: &IoStats) -> bool {
+        let mut state = match self.state.try_lock() {
+            Ok(state) => state,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        if let Some(entry) = state.live_stats.iter_mut().find(|(live, _)| *live == id) {
+            entry.1 = stats.clone();
+        }
+        true
+    }
+
+    /// A closing channel's final statistics move from the live list to the closed total in
+    /// one step, so a reader never counts them twice or not at all.
+    pub(crate) fn close_channel_stats(&self, id: u64, stats: &IoStats) {
+        let mut state = lock(&self.state);
+        state.live_stats.retain(|(live, _)| *live != id);
+        state.closed_stats.merge(stats);
     }
 }
 
@@ -266,10 +297,17 @@ impl BdevRegistry {
         Ok(BdevDesc { bdev, id, write })
     }
 
-    /// Statistics of a bdev: its closed channels' (live channels report their own with
-    /// [`BdevChannel::stats`] and add them here when dropped).
+    /// Statistics of a bdev: its closed channels' plus what its open channels last published
+    /// (each publishes at most every few milliseconds while busy and soon after going idle;
+    /// [`BdevChannel::stats`] is a channel's exact count).
     pub fn stats(&self, name: &str) -> Result<IoStats, BdevError> {
-        Ok(lock(&self.get(name)?.state).closed_stats.clone())
+        let bdev = self.get(name)?;
+        let state = lock(&bdev.state);
+        let mut total = state.closed_stats.clone();
+        for (_, live) in &state.live_stats {
+            total.merge(live);
+        }
+        Ok(total)
     }
 
     /// `{"subsystem": "bdev", "config": [...]}`: one entry per bdev that recreates it.

@@ -2,8 +2,10 @@
 //! log-linear latency histogram (HdrHistogram's layout with 16 sub-buckets per power of two:
 //! at most 1/16 = 6.25 % relative error, one `leading_zeros` to find a bucket, 8 KiB).
 //!
-//! A channel keeps its own `IoStats` (plain integers: only its owner writes them); a bdev
-//! adds up the statistics of its closed channels, so nothing on the I/O path is shared.
+//! A channel keeps its own `IoStats` (plain integers: only its owner writes them) and hands
+//! its bdev a copy every 10 ms while busy and once after going idle (a `try_lock`, never a
+//! wait); the bdev adds its closed channels' totals to those snapshots. Nothing is shared
+//! per I/O.
 
 use crate::clock;
 use crate::types::{IoStatus, IoType};

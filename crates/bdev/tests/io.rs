@@ -112,12 +112,31 @@ fn malloc_moves_data_for_every_type() {
     assert_eq!(stats.per_type[IoType::WriteZeroes.index()].bytes, 4096);
     assert_eq!(stats.histogram.count(), 8);
     assert!(stats.latency_ticks_max >= stats.latency_ticks_min);
+    // An open channel publishes its counts once it idles (after 1024 idle polls at most),
+    // so the bdev's totals (bdev_get_iostat) include live channels.
+    for _ in 0..1024 {
+        assert_eq!(channel.poll(|_, _| {}), 0);
+    }
+    assert_eq!(
+        registry.stats("Malloc0").expect("stats").ops_total(),
+        8,
+        "an idle open channel's stats are in the bdev's"
+    );
+    let mut second = desc.channel(4).expect("second channel");
+    second.flush(9, 0, 1).expect("slot");
+    reap(&mut second, 1);
+    drop(second);
+    assert_eq!(
+        registry.stats("Malloc0").expect("stats").ops_total(),
+        9,
+        "a closed channel's final counts replace its snapshot, never counted twice"
+    );
     drop(channel);
     let bdev_stats = registry.stats("Malloc0").expect("stats");
     assert_eq!(
         bdev_stats.ops_total(),
-        8,
-        "closed channel's stats add to the bdev's"
+        9,
+        "closed channels' stats add to the bdev's"
     );
 }
 
