@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pollux_rpc::{ClientError, RpcClient};
+use pollux_testkit::qsd::{Export, ExportOptions};
 use serde_json::json;
 
 struct Bdevperf {
@@ -118,36 +119,15 @@ fn wait_for_rpc_create_bdevs_perform_tests_and_kill() {
 /// the app thread's `virtio_admin` poller notices the lost back-end and removes the bdev.
 #[test]
 fn virtio_bdev_attached_over_rpc_goes_when_its_back_end_dies() {
-    let dir = std::env::temp_dir().join(format!("bdevperf-rpc-virtio-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let image = dir.join("disk.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(16 << 20))
-        .expect("image");
-    let vhost_socket = dir.join("vhost.0");
-    let mut daemon = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=disk,filename={}",
-            image.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},\
-             writable=on,num-queues=1",
-            vhost_socket.display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|error| {
-            panic!(
-                "could not run qemu-storage-daemon ({error}): install Debian's \
-                 qemu-system-common (scripts/install-deps.sh --test)"
-            )
-        });
-    wait_for_socket(&vhost_socket);
+    let daemon = Export::start(
+        "bdevperf-rpc-virtio",
+        ExportOptions {
+            image_bytes: 16 << 20,
+            num_queues: Some(1),
+            ..ExportOptions::default()
+        },
+    );
+    let vhost_socket = daemon.socket();
     let perf = Bdevperf::start("virtio", &["-w", "randread"]);
     let mut rpc = perf.client();
     let attached = rpc
@@ -170,8 +150,7 @@ fn virtio_bdev_attached_over_rpc_goes_when_its_back_end_dies() {
     };
     assert_eq!(names(&mut rpc), ["VirtioUser0"]);
 
-    daemon.kill().expect("kill the daemon");
-    let _ = daemon.wait();
+    daemon.kill("KILL");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !names(&mut rpc).is_empty() {
         assert!(
@@ -180,7 +159,6 @@ fn virtio_bdev_attached_over_rpc_goes_when_its_back_end_dies() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -4,81 +4,36 @@
 //! scripts/install-deps.sh --test); without it the test fails and says so.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-    socket: PathBuf,
+use pollux_testkit::qsd::{Export, ExportOptions};
+
+fn start(tag: &str) -> Export {
+    Export::start(
+        &format!("bdevperf-virtio-{tag}"),
+        ExportOptions {
+            image_bytes: 64 << 20,
+            num_queues: Some(1),
+            ..ExportOptions::default()
+        },
+    )
 }
 
-impl Daemon {
-    fn start(test: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("bdevperf-virtio-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let image = dir.join("disk.img");
-        std::fs::File::create(&image)
-            .and_then(|f| f.set_len(64 << 20))
-            .expect("image");
-        let socket = dir.join("vhost.0");
-        let child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=disk,filename={}",
-                image.display()
-            ))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},\
-                 writable=on,num-queues=1",
-                socket.display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|error| {
-                panic!(
-                    "could not run qemu-storage-daemon ({error}): install Debian's \
-                     qemu-system-common (scripts/install-deps.sh --test)"
-                )
-            });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon made no socket"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child, dir, socket }
-    }
-
-    /// `configs/virtio.json` with its socket path replaced by this daemon's.
-    fn config(&self) -> PathBuf {
-        let template = std::fs::read_to_string(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/virtio.json"),
-        )
-        .expect("configs/virtio.json");
-        assert!(template.contains("/var/tmp/vhost.0"));
-        let path = self.dir.join("virtio.json");
-        std::fs::write(
-            &path,
-            template.replace("/var/tmp/vhost.0", &self.socket.display().to_string()),
-        )
-        .expect("config");
-        path
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// `configs/virtio.json` with its socket path replaced by this daemon's.
+fn config(daemon: &Export) -> PathBuf {
+    let template = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs/virtio.json"),
+    )
+    .expect("configs/virtio.json");
+    assert!(template.contains("/var/tmp/vhost.0"));
+    let path = daemon.dir().join("virtio.json");
+    std::fs::write(
+        &path,
+        template.replace("/var/tmp/vhost.0", &daemon.socket().display().to_string()),
+    )
+    .expect("config");
+    path
 }
 
 fn bdevperf(config: &PathBuf, workload: &str, time_s: &str) -> Command {
@@ -103,8 +58,8 @@ fn bdevperf(config: &PathBuf, workload: &str, time_s: &str) -> Command {
 
 #[test]
 fn verify_through_virtio_user_passes() {
-    let daemon = Daemon::start("verify");
-    let output = bdevperf(&daemon.config(), "verify", "1")
+    let daemon = start("verify");
+    let output = bdevperf(&config(&daemon), "verify", "1")
         .output()
         .expect("bdevperf runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -115,14 +70,14 @@ fn verify_through_virtio_user_passes() {
 
 #[test]
 fn a_back_end_killed_mid_run_fails_the_run_clearly() {
-    let mut daemon = Daemon::start("kill");
-    let child = bdevperf(&daemon.config(), "randread", "5")
+    let daemon = start("kill");
+    let child = bdevperf(&config(&daemon), "randread", "5")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("bdevperf runs");
     std::thread::sleep(Duration::from_millis(1500));
-    daemon.child.kill().expect("kill the daemon");
+    daemon.kill("KILL");
     let started = Instant::now();
     let output = child.wait_with_output().expect("bdevperf ends");
     assert!(

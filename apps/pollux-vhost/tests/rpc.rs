@@ -14,30 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use pollux_testkit::bin::workspace_binary;
 use serde_json::Value;
 
 /// Bound on every wait for the target (start-up, exit); never a performance assertion.
 const WAIT: Duration = Duration::from_secs(30);
-
-fn pollux_rpc_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("POLLUX_RPC") {
-        return PathBuf::from(path);
-    }
-    // <target>/<profile>/deps/<this test> -> <target>/<profile>/pollux-rpc
-    let exe = std::env::current_exe().expect("test executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
-    let path = profile_dir.join("pollux-rpc");
-    assert!(
-        path.exists(),
-        "{} not found: build it first (cargo build -p pollux-rpc-cli, or cargo build \
-         --workspace --bins as scripts/test.sh does) or set POLLUX_RPC to its path",
-        path.display()
-    );
-    path
-}
 
 /// A scratch directory: vhost sockets, the RPC socket, saved configs.
 struct Dir(PathBuf);
@@ -141,7 +122,7 @@ impl Drop for Vhost {
 }
 
 fn rpc(dir: &Dir, args: &[&str]) -> Output {
-    Command::new(pollux_rpc_binary())
+    Command::new(workspace_binary("pollux-rpc"))
         .arg("-s")
         .arg(dir.rpc())
         .args(args)

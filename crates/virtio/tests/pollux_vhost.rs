@@ -2,41 +2,22 @@
 //! as a separate process over a malloc bdev.
 //!
 //! The binary is looked up in `$POLLUX_VHOST`, else next to this test's target directory
-//! (`<target>/<profile>/pollux-vhost`); build it first (`cargo build -p pollux-vhost-app`,
+//! (`<target>/<profile>/pollux-vhost`); build it first (`cargo build --workspace --bins`,
 //! which scripts/test.sh does). A missing binary fails the test with that instruction.
+
+mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use pollux_bdev::{BdevChannel, BdevRegistry, IoCompletion, IoStatus, IoVec};
-use pollux_env::dma::{DmaBuffer, DmaConfig, DmaMemory};
-use pollux_env::memmap::MemMap;
+use common::{dma, iov, wait};
+use pollux_bdev::{BdevRegistry, IoStatus};
+use pollux_env::dma::DmaBuffer;
+use pollux_testkit::bin::workspace_binary;
 use pollux_virtio::bdev::{AttachOptions, VirtioModule, DEFAULT_CONNECT_TIMEOUT};
 use pollux_virtio::device::DeviceOptions;
 
 const DISK_BLOCKS: u64 = 65536;
-
-fn binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("POLLUX_VHOST") {
-        return PathBuf::from(path);
-    }
-    // <target>/<profile>/deps/<this test> -> <target>/<profile>/pollux-vhost
-    let exe = std::env::current_exe().expect("test executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
-    let path = profile_dir.join("pollux-vhost");
-    assert!(
-        path.exists(),
-        "{} not found: build the target first (cargo build -p pollux-vhost-app) or set \
-         POLLUX_VHOST to its path",
-        path.display()
-    );
-    path
-}
 
 struct Target {
     child: Child,
@@ -62,7 +43,7 @@ impl Target {
         ]});
         let config_path = dir.join("vhost.json");
         std::fs::write(&config_path, config.to_string()).expect("config");
-        let child = Command::new(binary())
+        let child = Command::new(workspace_binary("pollux-vhost"))
             .arg("-S")
             .arg(&dir)
             .arg("-c")
@@ -90,26 +71,6 @@ impl Drop for Target {
     }
 }
 
-fn iov(buffer: &mut DmaBuffer) -> IoVec {
-    // SAFETY: the buffer outlives every I/O of the test (each waits for its completions)
-    // and is not touched while an I/O uses it.
-    unsafe { IoVec::new(buffer.as_mut_ptr(), buffer.len()) }
-}
-
-fn wait(channel: &mut BdevChannel, count: usize) -> Vec<IoCompletion> {
-    let mut done = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while done.len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {count} I/Os completed",
-            done.len()
-        );
-        channel.poll(|_, completion| done.push(completion));
-    }
-    done
-}
-
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ (i >> 9) as u8)
@@ -120,14 +81,7 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 /// write zeroes, flush and the loss of the target.
 fn round_trip(packed_ring: bool) {
     let target = Target::start(if packed_ring { "packed" } else { "split" }, packed_ring);
-    let dma = DmaMemory::with_memmap(
-        DmaConfig {
-            size_mib: 8,
-            no_huge: true,
-        },
-        Arc::new(MemMap::new()),
-    )
-    .expect("DMA memory");
+    let dma = dma(8);
     let registry = BdevRegistry::new();
     let module = VirtioModule::new();
     let info = module

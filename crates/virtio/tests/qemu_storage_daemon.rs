@@ -4,103 +4,47 @@
 //! These tests are never skipped: without `qemu-storage-daemon` they fail and say how to
 //! install it (`scripts/install-deps.sh --test`).
 
+mod common;
+
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pollux_bdev::{BdevChannel, BdevRegistry, IoCompletion, IoStatus, IoType, IoVec};
-use pollux_env::dma::{DmaBuffer, DmaConfig, DmaMemory};
-use pollux_env::memmap::MemMap;
+use common::{dma, iov, wait};
+use pollux_bdev::{BdevRegistry, IoStatus, IoType, IoVec};
+use pollux_cli::error_chain as chain;
+use pollux_env::dma::{DmaBuffer, DmaMemory};
+use pollux_testkit::qsd::{Export, ExportOptions};
 use pollux_virtio::bdev::{AttachOptions, VirtioModule, DEFAULT_CONNECT_TIMEOUT};
 use pollux_virtio::device::DeviceOptions;
 
-const QSD: &str = "qemu-storage-daemon";
 const IMAGE_BYTES: u64 = 16 << 20;
 const BLOCK: u64 = 512;
 
-/// A qemu-storage-daemon exporting a raw file over vhost-user-blk; killed on drop.
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-    image: PathBuf,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(test: &str, num_queues: u16) -> Self {
-        let dir = std::env::temp_dir().join(format!("pollux-virtio-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let image = dir.join("disk.img");
-        let socket = dir.join("vhost.sock");
-        let file = std::fs::File::create(&image).expect("image");
-        file.set_len(IMAGE_BYTES).expect("image size");
-        drop(file);
-        let blockdev = format!(
-            "driver=file,node-name=disk,filename={},discard=unmap",
-            image.display()
-        );
-        let export = format!(
-            "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},\
-             writable=on,num-queues={num_queues}",
-            socket.display()
-        );
-        let child = Command::new(QSD)
-            .args(["--blockdev", &blockdev, "--export", &export])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|error| {
-                panic!(
-                    "could not run {QSD} ({error}): these tests need QEMU's storage daemon; \
-                     install Debian's qemu-system-common (scripts/install-deps.sh --test)"
-                )
-            });
-        Self {
-            child,
-            dir,
-            image,
-            socket,
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -{signal} failed");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+fn export(tag: &str, num_queues: u16) -> Export {
+    // Not waiting for the socket: the attach retries until the daemon listens.
+    Export::spawn(
+        &format!("virtio-{tag}"),
+        ExportOptions {
+            image_bytes: IMAGE_BYTES,
+            num_queues: Some(num_queues),
+            discard: true,
+            writable: true,
+        },
+    )
 }
 
 struct Setup {
-    daemon: Daemon,
+    daemon: Export,
     dma: Arc<DmaMemory>,
     registry: Arc<BdevRegistry>,
     module: VirtioModule,
 }
 
 fn setup(test: &str, num_queues: u16, vq_count: u16) -> Setup {
-    let daemon = Daemon::start(test, num_queues);
-    let dma = DmaMemory::with_memmap(
-        DmaConfig {
-            size_mib: 8,
-            no_huge: true,
-        },
-        Arc::new(MemMap::new()),
-    )
-    .expect("DMA memory");
+    let daemon = export(test, num_queues);
+    let dma = dma(8);
     let registry = BdevRegistry::new();
     let module = VirtioModule::new();
     let info = module
@@ -109,7 +53,7 @@ fn setup(test: &str, num_queues: u16, vq_count: u16) -> Setup {
             &dma,
             AttachOptions {
                 name: "VirtioBlk0".to_string(),
-                traddr: daemon.socket.clone(),
+                traddr: daemon.socket().to_path_buf(),
                 device: DeviceOptions {
                     vq_count,
                     vq_size: 128,
@@ -118,7 +62,9 @@ fn setup(test: &str, num_queues: u16, vq_count: u16) -> Setup {
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             },
         )
-        .unwrap_or_else(|error| panic!("attach to {}: {}", daemon.socket.display(), chain(&error)));
+        .unwrap_or_else(|error| {
+            panic!("attach to {}: {}", daemon.socket().display(), chain(&error))
+        });
     assert_eq!(
         info.name, "VirtioBlk0",
         "SPDK names the blk bdev exactly `name`"
@@ -136,38 +82,6 @@ fn setup(test: &str, num_queues: u16, vq_count: u16) -> Setup {
         registry,
         module,
     }
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-fn iov(buffer: &mut DmaBuffer) -> IoVec {
-    // SAFETY: the buffer outlives every I/O of the test (each test waits for its
-    // completions before dropping it) and is not touched while an I/O uses it.
-    unsafe { IoVec::new(buffer.as_mut_ptr(), buffer.len()) }
-}
-
-/// Polls until `count` completions arrived (10 s at most).
-fn wait(channel: &mut BdevChannel, count: usize) -> Vec<IoCompletion> {
-    let mut done = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while done.len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {count} I/Os completed in 10 s",
-            done.len()
-        );
-        channel.poll(|_, completion| done.push(completion));
-    }
-    done
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -203,13 +117,13 @@ fn data_written_through_pollux_is_in_the_image_and_the_image_reads_back() {
         done.iter().all(|c| c.status == IoStatus::Success),
         "{done:?}"
     );
-    assert_eq!(read_image(&s.daemon.image, 100 * BLOCK, len), written);
+    assert_eq!(read_image(s.daemon.image(), 100 * BLOCK, len), written);
 
     // Image -> Pollux: bytes put in the file at LBA 5000 read back through the bdev.
     let planted = pattern(99, len);
     let file = std::fs::OpenOptions::new()
         .write(true)
-        .open(&s.daemon.image)
+        .open(s.daemon.image())
         .expect("image");
     file.write_all_at(&planted, 5000 * BLOCK).expect("plant");
     file.sync_all().expect("sync");
@@ -235,7 +149,7 @@ fn data_written_through_pollux_is_in_the_image_and_the_image_reads_back() {
     ];
     channel.write(4, last, 16, &iovs).expect("submit");
     assert_eq!(wait(&mut channel, 1)[0].status, IoStatus::Success);
-    let image = read_image(&s.daemon.image, last * BLOCK, 8192);
+    let image = read_image(s.daemon.image(), last * BLOCK, 8192);
     assert_eq!(&image[..4096], &pattern(3, 4096)[..]);
     assert_eq!(&image[4096..], &pattern(4, 4096)[..]);
 
@@ -286,7 +200,7 @@ fn two_channels_drive_two_queues_at_once() {
     }
     for (i, _) in buffers.iter().enumerate() {
         assert_eq!(
-            read_image(&s.daemon.image, i as u64 * 8 * BLOCK, io_len),
+            read_image(s.daemon.image(), i as u64 * 8 * BLOCK, io_len),
             pattern(i as u8, io_len),
             "request {i}"
         );
@@ -341,7 +255,7 @@ fn flush_discard_and_write_zeroes() {
     channel.flush(0, 0, 1).expect("flush");
     assert!(wait(&mut channel, 1)[0].status.is_success());
     let allocated = |path: &Path| std::fs::metadata(path).expect("stat").blocks() * 512;
-    let before = allocated(&s.daemon.image);
+    let before = allocated(s.daemon.image());
     assert!(
         before >= 2 * len as u64,
         "written data is allocated: {before}"
@@ -351,19 +265,19 @@ fn flush_discard_and_write_zeroes() {
     assert!(wait(&mut channel, 1)[0].status.is_success());
     channel.flush(0, 0, 1).expect("flush");
     assert!(wait(&mut channel, 1)[0].status.is_success());
-    let after = allocated(&s.daemon.image);
+    let after = allocated(s.daemon.image());
     assert!(
         after + len as u64 <= before,
         "discard punched a hole: {before} -> {after} bytes allocated"
     );
-    assert_eq!(read_image(&s.daemon.image, lba * BLOCK, len), vec![0; len]);
+    assert_eq!(read_image(s.daemon.image(), lba * BLOCK, len), vec![0; len]);
 
     channel
         .write_zeroes(0, lba + 2 * blocks, blocks)
         .expect("write zeroes");
     assert!(wait(&mut channel, 1)[0].status.is_success());
     assert_eq!(
-        read_image(&s.daemon.image, (lba + 2 * blocks) * BLOCK, len),
+        read_image(s.daemon.image(), (lba + 2 * blocks) * BLOCK, len),
         vec![0; len]
     );
 }
@@ -377,7 +291,7 @@ fn a_killed_back_end_fails_outstanding_io_and_removes_the_bdev() {
         .map(|_| s.dma.alloc(4096, 4096, None).expect("buffer"))
         .collect();
     // Stop the daemon so that the requests stay outstanding, hand them over, then kill it.
-    s.daemon.signal("STOP");
+    s.daemon.kill("STOP");
     for (i, buffer) in buffers.iter_mut().enumerate() {
         let vec = iov(buffer);
         channel
@@ -388,7 +302,7 @@ fn a_killed_back_end_fails_outstanding_io_and_removes_the_bdev() {
     let mut early = Vec::new();
     channel.poll(|_, c| early.push(c));
     assert!(early.is_empty(), "a stopped daemon completes nothing");
-    s.daemon.signal("KILL");
+    s.daemon.kill("KILL");
 
     let done = wait(&mut channel, 16);
     assert!(
@@ -420,14 +334,7 @@ fn a_killed_back_end_fails_outstanding_io_and_removes_the_bdev() {
 fn attach_retries_until_the_back_end_listens_and_fails_clearly_when_it_never_does() {
     let dir = std::env::temp_dir().join(format!("pollux-virtio-nosock-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let dma = DmaMemory::with_memmap(
-        DmaConfig {
-            size_mib: 2,
-            no_huge: true,
-        },
-        Arc::new(MemMap::new()),
-    )
-    .expect("DMA memory");
+    let dma = dma(2);
     let registry = BdevRegistry::new();
     let module = VirtioModule::new();
     let started = Instant::now();
@@ -453,14 +360,14 @@ fn attach_retries_until_the_back_end_listens_and_fails_clearly_when_it_never_doe
     let _ = std::fs::remove_dir_all(&dir);
 
     // The daemon starts after the attach began: the retry finds it.
-    let daemon = Daemon::start("late", 1);
+    let daemon = export("late", 1);
     let info = module
         .attach_controller(
             &registry,
             &dma,
             AttachOptions {
                 name: "Late0".to_string(),
-                traddr: daemon.socket.clone(),
+                traddr: daemon.socket().to_path_buf(),
                 device: DeviceOptions::default(),
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             },
@@ -472,7 +379,7 @@ fn attach_retries_until_the_back_end_listens_and_fails_clearly_when_it_never_doe
     assert_eq!(entry["method"], "bdev_virtio_attach_controller");
     assert_eq!(
         entry["params"]["traddr"],
-        daemon.socket.display().to_string()
+        daemon.socket().display().to_string()
     );
     assert_eq!(entry["params"]["dev_type"], "blk");
     assert_eq!(entry["params"]["trtype"], "user");
