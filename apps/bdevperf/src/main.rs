@@ -29,6 +29,7 @@ use crossbeam_utils::CachePadded;
 use pollux_bdev::config::{self, MethodTable};
 use pollux_bdev::modules::malloc;
 use pollux_bdev::BdevRegistry;
+use pollux_cli::error_chain;
 use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
 use pollux_nvme::bdev::NvmeModule;
@@ -53,13 +54,7 @@ const VIRTIO_ADMIN_POLL_US: u64 = 10_000;
 const VIRTIO_CONTROLLER_BYTES: u64 = 4 << 20;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    pollux_cli::init_logging("warn", pollux_cli::Colour::Default);
     let args = Args::parse();
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
@@ -268,18 +263,6 @@ fn run(args: &Args) -> Result<bool, String> {
         }
     }
     Ok(ok)
-}
-
-/// An error and its sources on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// On the app thread: one thread per core, its jobs started there; progress printing.

@@ -10,7 +10,6 @@
 //! Exit status 0 on success, 1 with an error on stderr otherwise. The `scripts/vm-test.sh
 //! nvme` and `setup` suites run it in a QEMU guest.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -91,24 +90,12 @@ fn parse_transport_id(text: &str) -> Result<PciAddress, IdentifyError> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    pollux_cli::init_logging("warn", pollux_cli::Colour::WhenTerminal);
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let mut message = error.to_string();
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
+            let message = pollux_cli::error_chain(&error);
             eprintln!("nvme-identify: error: {message}");
             ExitCode::FAILURE
         }

@@ -20,7 +20,7 @@
 mod pattern;
 mod stream;
 
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -168,14 +168,7 @@ fn parse_ns(text: &str) -> Result<(u32, u64), String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    pollux_cli::init_logging("info", pollux_cli::Colour::WhenTerminal);
     let args = Args::parse();
     let (result, ok_line) = match &args.command {
         Command::Run(run_args) => (run(run_args), "NVME-VMTEST: PASS"),
@@ -187,12 +180,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            let mut message = error.to_string();
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
+            let message = pollux_cli::error_chain(&error);
             eprintln!("nvme-vmtest: error: {message}");
             println!("NVME-VMTEST: FAIL");
             ExitCode::FAILURE

@@ -554,7 +554,7 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Err(error) => {
-            eprintln!("pollux-rpc: {}", pollux_rpc::error::error_chain(&error));
+            eprintln!("pollux-rpc: {}", pollux_cli::error_chain(&error));
             ExitCode::FAILURE
         }
     }

@@ -38,6 +38,7 @@ use clap::Parser;
 use pollux_bdev::config::{self, MethodTable};
 use pollux_bdev::modules::malloc;
 use pollux_bdev::BdevRegistry;
+use pollux_cli::error_chain;
 use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
 use pollux_nvme::bdev::NvmeModule;
@@ -97,13 +98,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    pollux_cli::init_logging("info", pollux_cli::Colour::Default);
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -112,11 +107,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// An error and its sources on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    pollux_rpc::error::error_chain(error)
 }
 
 /// MiB of DMA memory the config's bdevs need (a rough pass; the real load reports errors).

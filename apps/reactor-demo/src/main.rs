@@ -61,13 +61,7 @@ fn total_hops(ring: &Ring) -> u64 {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    pollux_cli::init_logging("warn", pollux_cli::Colour::Default);
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,6 @@
 
 mod nvme;
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -248,14 +247,7 @@ fn probe_dma(
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    pollux_cli::init_logging("info", pollux_cli::Colour::WhenTerminal);
     let args = Args::parse();
     match run(&args) {
         Ok(()) => {
@@ -263,12 +255,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            let mut message = error.to_string();
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
+            let message = pollux_cli::error_chain(&error);
             eprintln!("pollux-vfio-probe: error: {message}");
             println!("PROBE: FAILED");
             ExitCode::FAILURE
