@@ -36,16 +36,7 @@ pub fn init_logging(default_filter: &str, colour: Colour) {
 }
 
 /// `error` and each of its causes, joined by `": "` (the form every app prints on failure).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use pollux_env::error_chain;
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@
 //! - [`pool`]: fixed-size buffer pools with a per-thread cache.
 //! - [`memmap`]: virtual address -> IOVA translation for registered regions.
 //! - [`pci`] / [`vfio`]: PCI addresses, VFIO container/group/device, BAR mapping, DMA mapping.
+//! - [`error_chain`]: an error and its causes on one line, as every layer reports them.
 
 pub mod cpumask;
 pub mod dma;
@@ -14,3 +15,16 @@ pub mod pci;
 pub mod pool;
 pub mod topology;
 pub mod vfio;
+
+/// `error` and each of its causes, joined by `": "` (the form the apps print on failure and the
+/// RPC server puts in its error messages).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

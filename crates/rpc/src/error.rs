@@ -76,16 +76,7 @@ impl RpcError {
 }
 
 /// An error and its sources on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use pollux_env::error_chain;
 
 impl From<BdevError> for RpcError {
     /// Parameter errors become `-32602`; a taken name `-EEXIST`, a missing bdev `-ENODEV`, a
