@@ -91,6 +91,15 @@ expect_line "Job: Nvme0n2 " /tmp/bdevperf.out bdevperf
 [ "$(grep -c '"io_failed": 0,' /tmp/bdevperf.json)" -eq 3 ] ||
     fail "bdevperf: failed I/O in $(cat /tmp/bdevperf.json)"
 
+step "bdevperf -w verify with 1 MiB I/O (above the controller's MDTS: split into commands)"
+rc=0
+bdevperf -c /tmp/nvme.json -q 4 -o 1048576 -w verify -t 2 --json /tmp/bdevperf-big.json \
+    > /tmp/bdevperf-big.out 2>&1 || rc=$?
+cat /tmp/bdevperf-big.out
+[ "$rc" -eq 0 ] || fail "bdevperf 1 MiB verify exited with status $rc"
+[ "$(grep -c '"io_failed": 0,' /tmp/bdevperf-big.json)" -eq 3 ] ||
+    fail "bdevperf 1 MiB: failed I/O in $(cat /tmp/bdevperf-big.json)"
+
 step "nvme-vmtest run $bdf"
 rc=0
 nvme-vmtest run "$bdf" --expect-serial "$serial" --expect-model "$model" \

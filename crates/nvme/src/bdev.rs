@@ -21,9 +21,14 @@
 //!   (VWC); write zeroes and unmap (Dataset Management, deallocate) when ONCS says so.
 //!   Reset is not supported (a controller reset is the admin poller's decision).
 //!
-//! Limits (refused with [`IoStatus::Failed`] and a log line, not split): a read or write
-//! larger than the namespace's maximum transfer (MDTS, at most 2 MiB), more than
-//! [`MAX_IOVS_PER_IO`] iovecs, and write zeroes / unmap of more than 65536 blocks.
+//! A read or write larger than the namespace's maximum transfer (MDTS) is split into commands
+//! of at most that size, all tagged with the bdev slot; the bdev I/O completes when the last
+//! one does (failed if any failed). Children that find the queue pair's slots taken wait in
+//! the channel and go out as earlier commands complete. The parent's iovec list is copied
+//! into the slot's own array (allocated at the slot's first split, reused after).
+//!
+//! Limits (refused with [`IoStatus::Failed`] and a log line): more than [`MAX_IOVS_PER_IO`]
+//! iovecs, and write zeroes / unmap of more than 65536 blocks.
 //!
 //! Recovery: after a controller reset every queue pair fails its requests back with
 //! *Command Aborted due to SQ Deletion* (-> `Failed`) and disconnects; the channel's next
@@ -33,6 +38,7 @@
 //! parse function is a plain `fn` (the bdev layer's interface), so the state it creates must
 //! be reachable without a context argument. Tests may build their own [`NvmeModule`].
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 
@@ -703,6 +709,12 @@ impl<R: Registers + 'static> BdevBackend for NvmeBdev<R> {
             iovs: Vec::with_capacity(MAX_IOVS_PER_IO),
             max_per_poll: u32::from(queue_depth).min(MAX_COMPLETIONS_PER_POLL as u32),
             bdev_name: self.bdev_name().into(),
+            max_transfer_blocks: (self.ns.max_transfer_bytes()
+                / u64::from(self.ns.block_size_bytes()))
+            .max(1),
+            splits: vec![Split::default(); usize::from(queue_depth)],
+            split_iovs: (0..queue_depth).map(|_| Vec::new()).collect(),
+            pending_splits: VecDeque::with_capacity(usize::from(queue_depth)),
         }))
     }
 
@@ -741,9 +753,210 @@ struct NvmeChannel<R: Registers> {
     iovs: Vec<IoVec>,
     max_per_poll: u32,
     bdev_name: Arc<str>,
+    /// The namespace's maximum transfer, in blocks: larger reads and writes are split.
+    max_transfer_blocks: u64,
+    /// Split state per bdev slot.
+    splits: Vec<Split>,
+    /// Per bdev slot: the split parent's iovecs (filled only for split I/O).
+    split_iovs: Vec<Vec<IoVec>>,
+    /// Slots of split I/Os with children waiting for a free queue pair slot, oldest first.
+    pending_splits: VecDeque<u16>,
+}
+
+/// A read or write cut into commands of at most the maximum transfer.
+#[derive(Debug, Default, Clone, Copy)]
+struct Split {
+    active: bool,
+    write: bool,
+    /// Waiting in `pending_splits`.
+    queued: bool,
+    failed: bool,
+    next_block: u64,
+    end_block: u64,
+    /// Where the next child's data starts in the parent's iovecs.
+    iov_index: usize,
+    iov_offset: usize,
+    /// Children submitted and not completed.
+    outstanding: u32,
+}
+
+impl Split {
+    fn finished(&self) -> bool {
+        self.active
+            && self.outstanding == 0
+            && !self.queued
+            && (self.failed || self.next_block >= self.end_block)
+    }
 }
 
 impl<R: Registers> NvmeChannel<R> {
+    /// Starts a read or write larger than the maximum transfer: copies its iovecs and
+    /// submits as many children as the queue pair takes.
+    fn start_split(
+        &mut self,
+        io: &IoRequest<'_>,
+        qpair: &mut QueuePair<R>,
+        done: &mut CompletionQueue,
+    ) -> Result<(), NvmeError> {
+        if io.iovs.len() > MAX_IOVS_PER_IO {
+            return Err(NvmeError::InvalidRequest {
+                reason: "more iovecs than MAX_IOVS_PER_IO",
+            });
+        }
+        let slot = usize::from(io.slot);
+        let (Some(split), Some(parent)) =
+            (self.splits.get_mut(slot), self.split_iovs.get_mut(slot))
+        else {
+            return Err(NvmeError::InvalidRequest {
+                reason: "request slot beyond the channel's depth",
+            });
+        };
+        // At most MAX_IOVS_PER_IO, reserved once per slot: no allocation after warm-up.
+        parent.clear();
+        parent.reserve(MAX_IOVS_PER_IO);
+        for iov in io.iovs {
+            // SAFETY: as in `submit_command`: the bdev layer's `IoVec::new` contract keeps the
+            // memory valid and untouched until this bdev I/O completes, which is after every
+            // child command built from it completed.
+            parent.push(unsafe { IoVec::new(iov.as_mut_ptr(), iov.len_bytes()) });
+        }
+        *split = Split {
+            active: true,
+            write: io.io_type == IoType::Write,
+            queued: false,
+            failed: false,
+            next_block: io.offset_blocks,
+            end_block: io.offset_blocks + io.num_blocks,
+            iov_index: 0,
+            iov_offset: 0,
+            outstanding: 0,
+        };
+        self.advance_split(io.slot, qpair, done);
+        Ok(())
+    }
+
+    /// Submits the next children of the split in `slot` until it is fully submitted, a
+    /// child fails, or the queue pair has no free slot (then the split waits in
+    /// `pending_splits`); completes the bdev I/O when nothing of it is left.
+    fn advance_split(&mut self, slot: u16, qpair: &mut QueuePair<R>, done: &mut CompletionQueue) {
+        let index = usize::from(slot);
+        let block_size = self.ns.block_size_bytes() as usize;
+        loop {
+            let split = self.splits[index];
+            if split.failed || split.next_block >= split.end_block {
+                break;
+            }
+            let blocks = self
+                .max_transfer_blocks
+                .min(split.end_block - split.next_block);
+            let mut need = blocks as usize * block_size;
+            let (mut iov_index, mut iov_offset) = (split.iov_index, split.iov_offset);
+            let parent = &self.split_iovs[index];
+            self.iovs.clear();
+            let mut broken = false;
+            while need > 0 {
+                let Some(iov) = parent.get(iov_index) else {
+                    broken = true;
+                    break;
+                };
+                if self.iovs.len() == MAX_IOVS_PER_IO {
+                    broken = true;
+                    break;
+                }
+                let take = (iov.len_bytes() - iov_offset).min(need);
+                // SAFETY: a sub-range of a parent iovec (offset + take <= its length), under
+                // the same contract as the parent (see `start_split`).
+                self.iovs.push(unsafe {
+                    IoVec::new((iov.addr() as usize + iov_offset) as *mut u8, take)
+                });
+                need -= take;
+                iov_offset += take;
+                if iov_offset == iov.len_bytes() {
+                    iov_index += 1;
+                    iov_offset = 0;
+                }
+            }
+            let result = if broken {
+                Err(NvmeError::InvalidRequest {
+                    reason: "split child's iovecs do not cover its blocks",
+                })
+            } else if split.write {
+                qpair.submit_write(
+                    &self.ns,
+                    u64::from(slot),
+                    split.next_block,
+                    blocks as u32,
+                    &self.iovs,
+                )
+            } else {
+                qpair.submit_read(
+                    &self.ns,
+                    u64::from(slot),
+                    split.next_block,
+                    blocks as u32,
+                    &self.iovs,
+                )
+            };
+            let split = &mut self.splits[index];
+            match result {
+                Ok(()) => {
+                    split.next_block += blocks;
+                    split.iov_index = iov_index;
+                    split.iov_offset = iov_offset;
+                    split.outstanding += 1;
+                }
+                Err(NvmeError::NoFreeSlot { .. }) => {
+                    if !split.queued {
+                        split.queued = true;
+                        self.pending_splits.push_back(slot);
+                    }
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(bdev = %self.bdev_name, %error, "nvme: split I/O child not submitted");
+                    split.failed = true;
+                    break;
+                }
+            }
+        }
+        self.finish_split_if_done(slot, done);
+    }
+
+    fn finish_split_if_done(&mut self, slot: u16, done: &mut CompletionQueue) {
+        let split = &mut self.splits[usize::from(slot)];
+        if split.finished() {
+            split.active = false;
+            let status = if split.failed {
+                IoStatus::Failed
+            } else {
+                IoStatus::Success
+            };
+            done.complete(slot, status);
+        }
+    }
+
+    /// Gives waiting split children the queue pair slots that completions freed.
+    fn resume_splits(&mut self, qpair: &mut QueuePair<R>, done: &mut CompletionQueue) {
+        while let Some(&slot) = self.pending_splits.front() {
+            self.pending_splits.pop_front();
+            self.splits[usize::from(slot)].queued = false;
+            self.advance_split(slot, qpair, done);
+            if self.splits[usize::from(slot)].queued {
+                break;
+            }
+        }
+    }
+
+    /// The queue pair is gone (reset or failure): waiting split children will not be sent.
+    fn fail_pending_splits(&mut self, done: &mut CompletionQueue) {
+        while let Some(slot) = self.pending_splits.pop_front() {
+            let split = &mut self.splits[usize::from(slot)];
+            split.queued = false;
+            split.failed = true;
+            self.finish_split_if_done(slot, done);
+        }
+    }
+
     fn submit_command(
         &mut self,
         io: &IoRequest<'_>,
@@ -801,10 +1014,7 @@ impl<R: Registers> NvmeChannel<R> {
 
     /// After a controller reset: re-creates the pair's queues once the controller runs again.
     /// `try_lock`: the I/O path never waits for the admin path.
-    fn try_reconnect(&mut self) {
-        let Some(qpair) = self.qpair.as_mut() else {
-            return;
-        };
+    fn qpair_reconnect(&mut self, qpair: &mut QueuePair<R>) {
         let mut ctrlr = match self.ctrlr.ctrlr.try_lock() {
             Ok(guard) => guard,
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
@@ -830,7 +1040,13 @@ impl<R: Registers + 'static> BackendChannel for NvmeChannel<R> {
             done.complete(io.slot, IoStatus::Failed);
             return;
         };
-        let result = self.submit_command(io, &mut qpair);
+        let split = matches!(io.io_type, IoType::Read | IoType::Write)
+            && io.num_blocks > self.max_transfer_blocks;
+        let result = if split {
+            self.start_split(io, &mut qpair, done)
+        } else {
+            self.submit_command(io, &mut qpair)
+        };
         self.qpair = Some(qpair);
         if let Err(error) = result {
             tracing::warn!(
@@ -847,14 +1063,24 @@ impl<R: Registers + 'static> BackendChannel for NvmeChannel<R> {
     }
 
     fn poll(&mut self, done: &mut CompletionQueue) -> usize {
-        let Some(qpair) = self.qpair.as_mut() else {
+        let Some(mut qpair) = self.qpair.take() else {
             return 0;
         };
+        let count = self.poll_qpair(&mut qpair, done);
+        self.qpair = Some(qpair);
+        count
+    }
+}
+
+impl<R: Registers> NvmeChannel<R> {
+    fn poll_qpair(&mut self, qpair: &mut QueuePair<R>, done: &mut CompletionQueue) -> usize {
         if qpair.is_disconnected() {
-            self.try_reconnect();
+            self.fail_pending_splits(done);
+            self.qpair_reconnect(qpair);
             return 0;
         }
         let bdev_name = &self.bdev_name;
+        let splits = &mut self.splits;
         let result = qpair.process_completions(self.max_per_poll, |tag, completion| {
             let status = if completion.status.is_success() {
                 IoStatus::Success
@@ -866,8 +1092,28 @@ impl<R: Registers + 'static> BackendChannel for NvmeChannel<R> {
                 );
                 IoStatus::Failed
             };
-            done.complete(tag as u16, status);
+            let slot = tag as u16;
+            match splits.get_mut(usize::from(slot)) {
+                Some(split) if split.active => {
+                    // One child of a split I/O: the bdev I/O completes with its last child.
+                    split.outstanding = split.outstanding.saturating_sub(1);
+                    split.failed |= status != IoStatus::Success;
+                    if split.finished() {
+                        split.active = false;
+                        let status = if split.failed {
+                            IoStatus::Failed
+                        } else {
+                            IoStatus::Success
+                        };
+                        done.complete(slot, status);
+                    }
+                }
+                _ => done.complete(slot, status),
+            }
         });
+        if !self.pending_splits.is_empty() {
+            self.resume_splits(qpair, done);
+        }
         match result {
             Ok(count) => count as usize,
             Err(NvmeError::Disconnected { .. }) => 0,
