@@ -44,6 +44,33 @@ pub struct JobSpec {
     pub corrupt_lba: Option<u64>,
 }
 
+impl JobSpec {
+    /// One job per (core, bdev), cores outermost, as the command line asks for them.
+    pub fn for_each_core_and_bdev(
+        args: &crate::args::Args,
+        cpumask: &pollux_env::cpumask::CpuMask,
+        bdevs: &[String],
+    ) -> Vec<JobSpec> {
+        let mut specs = Vec::new();
+        for core in cpumask.iter() {
+            for bdev in bdevs {
+                specs.push(JobSpec {
+                    index: specs.len(),
+                    bdev: bdev.clone(),
+                    core,
+                    workload: args.workload,
+                    queue_depth: args.queue_depth,
+                    io_size_bytes: args.io_size_bytes,
+                    rw_mix_read_percent: args.rw_mix_read_percent.unwrap_or(0),
+                    run_time: Duration::from_secs(args.time_s),
+                    corrupt_lba: args.corrupt_lba,
+                });
+            }
+        }
+        specs
+    }
+}
+
 /// What a job reports.
 #[derive(Debug, Clone)]
 pub struct JobResult {
@@ -73,6 +100,26 @@ pub struct RunShared {
 }
 
 impl RunShared {
+    /// The shared state of `jobs` jobs; `on_done` runs once the last one reported.
+    pub fn new(
+        registry: Arc<BdevRegistry>,
+        dma: Arc<DmaMemory>,
+        jobs: usize,
+        on_done: Box<OnDone>,
+    ) -> Self {
+        Self {
+            registry,
+            dma,
+            results: Mutex::new(Vec::new()),
+            remaining: AtomicUsize::new(jobs),
+            stop: AtomicBool::new(false),
+            progress_ios: (0..jobs)
+                .map(|_| CachePadded::new(AtomicU64::new(0)))
+                .collect(),
+            on_done,
+        }
+    }
+
     fn publish(&self, ctx: &mut ThreadCtx, result: JobResult) {
         if result.error.is_some() {
             self.stop.store(true, Ordering::Relaxed);

@@ -21,11 +21,10 @@ mod rpc_mode;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use clap::Parser;
-use crossbeam_utils::CachePadded;
 use pollux_bdev::config::{self, MethodTable};
 use pollux_bdev::modules::malloc;
 use pollux_bdev::BdevRegistry;
@@ -188,33 +187,13 @@ fn run(args: &Args) -> Result<bool, String> {
         return Err("no bdev to run on: the configuration created none".to_string());
     }
 
-    let mut specs = Vec::new();
-    for core in cpumask.iter() {
-        for bdev in &targets {
-            specs.push(JobSpec {
-                index: specs.len(),
-                bdev: bdev.clone(),
-                core,
-                workload: args.workload,
-                queue_depth: args.queue_depth,
-                io_size_bytes: args.io_size_bytes,
-                rw_mix_read_percent: args.rw_mix_read_percent.unwrap_or(0),
-                run_time: std::time::Duration::from_secs(args.time_s),
-                corrupt_lba: args.corrupt_lba,
-            });
-        }
-    }
-    let shared = Arc::new(RunShared {
-        registry: registry.clone(),
-        dma: dma.clone(),
-        results: Mutex::new(Vec::new()),
-        remaining: AtomicUsize::new(specs.len()),
-        stop: AtomicBool::new(false),
-        progress_ios: (0..specs.len())
-            .map(|_| CachePadded::new(AtomicU64::new(0)))
-            .collect(),
-        on_done: Box::new(|ctx, _shared| ctx.app_stop()),
-    });
+    let specs = JobSpec::for_each_core_and_bdev(args, &cpumask, &targets);
+    let shared = Arc::new(RunShared::new(
+        registry.clone(),
+        dma.clone(),
+        specs.len(),
+        Box::new(|ctx, _shared| ctx.app_stop()),
+    ));
 
     let app = App::new(AppConfig {
         name: "bdevperf".to_string(),

@@ -10,10 +10,9 @@
 //! virtio-user back-ends, so a virtio bdev attached over RPC whose back-end goes away is
 //! failed and removed, as in the normal mode.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crossbeam_utils::CachePadded;
 use pollux_bdev::BdevRegistry;
 use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::DmaMemory;
@@ -92,36 +91,15 @@ impl Perf {
                 ),
             );
         }
-        let args = &self.args;
-        let mut specs = Vec::new();
-        for core in self.cpumask.iter() {
-            for bdev in &targets {
-                specs.push(JobSpec {
-                    index: specs.len(),
-                    bdev: bdev.clone(),
-                    core,
-                    workload: args.workload,
-                    queue_depth: args.queue_depth,
-                    io_size_bytes: args.io_size_bytes,
-                    rw_mix_read_percent: args.rw_mix_read_percent.unwrap_or(0),
-                    run_time: std::time::Duration::from_secs(args.time_s),
-                    corrupt_lba: args.corrupt_lba,
-                });
-            }
-        }
+        let specs = JobSpec::for_each_core_and_bdev(&self.args, &self.cpumask, &targets);
         let core_count = self.cpumask.count();
         let pending = Mutex::new(Some(reply));
         let running = self.running.clone();
-        let shared = Arc::new(RunShared {
-            registry: self.registry.clone(),
-            dma: self.dma.clone(),
-            results: Mutex::new(Vec::new()),
-            remaining: AtomicUsize::new(specs.len()),
-            stop: AtomicBool::new(false),
-            progress_ios: (0..specs.len())
-                .map(|_| CachePadded::new(AtomicU64::new(0)))
-                .collect(),
-            on_done: Box::new(move |_ctx, shared| {
+        let shared = Arc::new(RunShared::new(
+            self.registry.clone(),
+            self.dma.clone(),
+            specs.len(),
+            Box::new(move |_ctx, shared| {
                 let mut results =
                     std::mem::take(&mut *shared.results.lock().unwrap_or_else(|p| p.into_inner()));
                 results.sort_by_key(|r| r.spec.index);
@@ -133,7 +111,7 @@ impl Perf {
                     reply.ok(value);
                 }
             }),
-        });
+        ));
         tracing::info!(jobs = specs.len(), "bdevperf: perform_tests: run starting");
         for core in self.cpumask.iter() {
             let thread = self.thread_for(ctx, core)?;
