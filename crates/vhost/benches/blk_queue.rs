@@ -138,6 +138,7 @@ fn run(qd: u16, seconds: u64) -> f64 {
         channel,
         call: None,
         inflight: None,
+        log: None,
     });
     let mut used_seen = 0u16;
     let mut completed = 0u64;

@@ -40,6 +40,7 @@ use pollux_virtio::features::{
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 
+use crate::dirty_log::DirtyLog;
 use crate::guest_memory::GuestMemory;
 use crate::inflight::QueueInflight;
 use crate::queue::{Desc, VirtQueue, VringAddrs};
@@ -287,6 +288,9 @@ pub struct BlkQueue {
     resubmit: Vec<u16>,
     /// Interrupt coalescing (`None`: every notification the driver asks for is sent).
     coalescing: Option<Coalescing>,
+    /// The dirty-page log while live migration logs (`None`: logging off, one branch per
+    /// write to guest memory).
+    log: Option<Arc<DirtyLog>>,
 }
 
 impl std::fmt::Debug for BlkQueue {
@@ -296,6 +300,34 @@ impl std::fmt::Debug for BlkQueue {
             .field("queue", &self.queue)
             .field("in_flight", &self.in_flight)
             .finish()
+    }
+}
+
+/// Marks the guest pages under a completed read's iovecs dirty. The iovecs point into the
+/// table the request started in: the current one or one retired while it was in flight.
+#[cold]
+fn log_iovecs(
+    log: &DirtyLog,
+    mem: &GuestMemory,
+    retired: &[Arc<GuestMemory>],
+    iovs: &[IoVec],
+    queue: u16,
+) {
+    for iov in iovs {
+        let (host, len) = (iov.addr(), iov.len_bytes() as u64);
+        let gpa = mem
+            .host_to_gpa(host, len)
+            .or_else(|| retired.iter().find_map(|m| m.host_to_gpa(host, len)));
+        match gpa {
+            Some(gpa) => log.mark(gpa, len),
+            // Cannot happen: the table an iovec was built from stays alive until it completes.
+            None => tracing::error!(
+                queue,
+                host,
+                len,
+                "vhost: read buffer in no guest region; not logged"
+            ),
+        }
     }
 }
 
@@ -323,6 +355,8 @@ pub struct BlkQueueParts {
     pub call: Option<File>,
     /// Inflight tracking and the heads to resubmit, oldest first.
     pub inflight: Option<(QueueInflight, Vec<u16>)>,
+    /// The dirty-page log, when the front-end is logging (live migration).
+    pub log: Option<Arc<DirtyLog>>,
 }
 
 impl BlkQueue {
@@ -337,6 +371,7 @@ impl BlkQueue {
             channel,
             call,
             inflight,
+            log,
         } = parts;
         let size = usize::from(queue.size());
         let (inflight, mut resubmit) = match inflight {
@@ -370,6 +405,7 @@ impl BlkQueue {
             batch: Vec::with_capacity(size),
             resubmit,
             coalescing: None,
+            log,
         }
     }
 
@@ -388,6 +424,12 @@ impl BlkQueue {
     /// The ring position to hand back at GET_VRING_BASE.
     pub fn base(&self) -> crate::queue::VringBase {
         self.queue.base()
+    }
+
+    /// Starts (`Some`) or stops (`None`) dirty-page logging. Requests in flight are logged
+    /// when they complete, so one that started before logging began is logged too.
+    pub fn set_log(&mut self, log: Option<Arc<DirtyLog>>) {
+        self.log = log;
     }
 
     /// A new call eventfd (SET_VRING_CALL while running).
@@ -428,6 +470,10 @@ impl BlkQueue {
                 inflight.pre_publish(&self.batch);
             }
             notify = self.queue.publish_used();
+            if let Some(log) = &self.log {
+                let (gpa, len) = self.queue.device_written_area();
+                log.mark(gpa, len);
+            }
             if let Some(inflight) = self.inflight.as_mut() {
                 let used_idx = self.queue.published_used_idx().unwrap_or(0);
                 inflight.post_publish(&self.batch, used_idx);
@@ -492,6 +538,8 @@ impl BlkQueue {
             index,
             inflight,
             batch,
+            log,
+            retired,
             ..
         } = self;
         channel.poll(|_chan, done: IoCompletion| {
@@ -509,6 +557,14 @@ impl BlkQueue {
             let used_len = if status == VIRTIO_BLK_S_OK { slot.used_len } else { 1 };
             if let Err(error) = mem.write_bytes(slot.status_gpa, &[status], hint) {
                 tracing::warn!(queue = *index, head, %error, "vhost: status byte left guest memory (table changed)");
+            }
+            if let Some(log) = log {
+                log.mark(slot.status_gpa, 1);
+                // A read (used_len counts its data): the bdev wrote its buffers, whatever
+                // the status (a failed read may have written part of them).
+                if slot.used_len > 1 {
+                    log_iovecs(log, mem, retired, &slot.iovs, *index);
+                }
             }
             queue.push_used(head, used_len);
             if inflight.is_some() {
@@ -583,6 +639,9 @@ impl BlkQueue {
                     {
                         self.used(head, 0);
                     } else {
+                        if let Some(log) = &self.log {
+                            log.mark(gpa, 1);
+                        }
                         self.used(head, used_len);
                     }
                 }
@@ -657,6 +716,9 @@ impl BlkQueue {
                     .is_err()
                 {
                     return ioerr;
+                }
+                if let Some(log) = &self.log {
+                    log.mark(desc.gpa, n as u64);
                 }
                 Start::Done {
                     status: VIRTIO_BLK_S_OK,
@@ -878,6 +940,7 @@ mod tests {
             channel,
             call: None,
             inflight: None,
+            log: None,
         });
         Rig {
             mem,

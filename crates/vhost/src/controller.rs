@@ -43,6 +43,7 @@ use vhost::vhost_user::{
 use vhost::VhostUserMemoryRegionBase;
 
 use crate::blk::{BlkDevice, BlkQueue, BlkQueueParts, CoalescingSettings};
+use crate::dirty_log::DirtyLog;
 use crate::guest_memory::{GuestMemory, RegionSpec};
 use crate::inflight::InflightRegion;
 use crate::queue::{VirtQueue, VringAddrs, VringBase};
@@ -61,6 +62,10 @@ const ACCEPT_POLL: Duration = Duration::from_millis(20);
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30 of the virtio features).
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+/// `VHOST_F_LOG_ALL` (bit 26): the front-end asks for dirty-page logging (live migration).
+const LOG_ALL_BIT: u64 = 1 << 26;
+/// How long a change of the dirty log waits for every running queue to take it.
+const LOG_SWITCH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A command from the control thread to a running queue.
 pub(crate) enum QueueCmd {
@@ -68,6 +73,9 @@ pub(crate) enum QueueCmd {
     Stop,
     Memory(Arc<GuestMemory>),
     Call(Option<File>),
+    /// Start (`Some`) or stop (`None`) dirty-page logging; the generation is acknowledged in
+    /// [`QueueShared::log_applied`] once the queue logs (or stopped logging).
+    Log(u64, Option<Arc<DirtyLog>>),
 }
 
 /// What the control thread and a queue's poller share.
@@ -78,6 +86,8 @@ pub(crate) struct QueueShared {
     stopped: Mutex<Option<VringBase>>,
     stopped_flag: AtomicBool,
     done: (Mutex<bool>, std::sync::Condvar),
+    /// The last [`QueueCmd::Log`] generation the poller applied.
+    log_applied: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -91,7 +101,26 @@ impl QueueShared {
             stopped: Mutex::new(None),
             stopped_flag: AtomicBool::new(false),
             done: (Mutex::new(false), std::sync::Condvar::new()),
+            log_applied: AtomicU64::new(0),
         })
+    }
+
+    /// Waits until the poller applied log generation `generation` or stopped; false on a
+    /// timeout. The front-end is answered only after this: from then on every page the queue
+    /// writes is logged.
+    fn wait_log_applied(&self, generation: u64, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.log_applied.load(Ordering::Acquire) >= generation
+                || self.stopped_flag.load(Ordering::Acquire)
+            {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 
     fn finish(&self, base: VringBase) {
@@ -142,6 +171,10 @@ fn run_queue(ctx: &mut ThreadCtx, start: Box<(BlkQueue, Arc<QueueShared>, Arc<At
                     }
                 }
                 QueueCmd::Call(call) => queue.set_call(call),
+                QueueCmd::Log(generation, log) => {
+                    queue.set_log(log);
+                    shared.log_applied.store(generation, Ordering::Release);
+                }
             }
         }
         if ctx.is_exiting() {
@@ -172,6 +205,11 @@ fn run_queue(ctx: &mut ThreadCtx, start: Box<(BlkQueue, Arc<QueueShared>, Arc<At
 struct Vring {
     size: u32,
     addrs: Option<VringAddrs>,
+    /// SET_VRING_ADDR's `log_guest_addr` when its log flag is set: where the front-end
+    /// expects used-ring writes logged. The queue logs the ring it writes by translating its
+    /// own address (which also covers the packed ring's descriptors); a front-end naming
+    /// another address is reported, not followed.
+    used_log_gpa: Option<u64>,
     base: VringBase,
     kicked: bool,
     enabled: bool,
@@ -219,6 +257,15 @@ pub(crate) struct BlkBackend {
     status: u8,
     /// The inflight region (SET_INFLIGHT_FD), shared with the front-end across reconnects.
     inflight: Option<InflightRegion>,
+    /// The dirty-page log region (SET_LOG_BASE); logged to only while VHOST_F_LOG_ALL is
+    /// acked.
+    log_region: Option<Arc<DirtyLog>>,
+    /// The log the running queues were last handed (`None`: not logging).
+    log_active: Option<Arc<DirtyLog>>,
+    log_generation: u64,
+    /// A refusal the protocol cannot answer (SET_LOG_BASE has no error reply): the
+    /// connection is closed after the message.
+    close_connection: bool,
 }
 
 fn invalid(reason: &'static str) -> VuError {
@@ -240,7 +287,69 @@ impl BlkBackend {
             vrings: (0..queues).map(|_| Vring::default()).collect(),
             status: 0,
             inflight: None,
+            log_region: None,
+            log_active: None,
+            log_generation: 0,
+            close_connection: false,
         }
+    }
+
+    /// The log queues should write to: the region, while VHOST_F_LOG_ALL is acked.
+    fn wanted_log(&self) -> Option<Arc<DirtyLog>> {
+        if self.acked_features & LOG_ALL_BIT == 0 {
+            return None;
+        }
+        self.log_region.clone()
+    }
+
+    /// Hands the running queues the log they should write to, when it changed, and waits
+    /// until each took it (so that the reply to the front-end means "logging").
+    fn refresh_log(&mut self) -> VuResult<()> {
+        let wanted = self.wanted_log();
+        let same = match (&wanted, &self.log_active) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if same {
+            return Ok(());
+        }
+        if self.acked_features & LOG_ALL_BIT != 0 && wanted.is_none() {
+            tracing::warn!(ctrlr = %self.ctrl.name, "vhost: VHOST_F_LOG_ALL acked before SET_LOG_BASE; logging starts with the log region");
+        }
+        self.log_generation += 1;
+        let generation = self.log_generation;
+        let mut waiting = Vec::new();
+        for (index, vring) in self.vrings.iter().enumerate() {
+            if let Some(shared) = &vring.running {
+                if !shared.send(QueueCmd::Log(generation, wanted.clone())) {
+                    tracing::error!(ctrlr = %self.ctrl.name, index, "vhost: could not hand a ring the dirty log");
+                    return Err(invalid("ring busy"));
+                }
+                waiting.push((index, shared.clone()));
+            }
+        }
+        for (index, shared) in waiting {
+            if !shared.wait_log_applied(generation, LOG_SWITCH_TIMEOUT) {
+                tracing::error!(ctrlr = %self.ctrl.name, index, "vhost: a ring did not take the dirty log in time");
+                return Err(invalid("ring did not take the dirty log in time"));
+            }
+        }
+        match &wanted {
+            Some(log) => {
+                tracing::info!(ctrlr = %self.ctrl.name, bytes = log.len_bytes(), covered_bytes = log.covered_bytes(), "vhost: dirty-page logging on")
+            }
+            None => {
+                tracing::info!(ctrlr = %self.ctrl.name, pages_outside = self.log_active.as_ref().map_or(0, |l| l.pages_outside()), "vhost: dirty-page logging off")
+            }
+        }
+        self.log_active = wanted;
+        Ok(())
+    }
+
+    /// Whether the last message's refusal closes the connection (and clears the mark).
+    pub(crate) fn take_close_connection(&mut self) -> bool {
+        std::mem::take(&mut self.close_connection)
     }
 
     fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
@@ -282,6 +391,12 @@ impl BlkBackend {
         };
         let mut queue = VirtQueue::new(&mem, size, addrs, vring.base, packed, event_idx)
             .map_err(start_error)?;
+        if let Some(log_gpa) = vring.used_log_gpa.filter(|_| !packed) {
+            let (used_gpa, _) = queue.device_written_area();
+            if log_gpa != used_gpa {
+                tracing::warn!(ctrlr = %ctrl.name, index, log_gpa, used_gpa, "vhost: log_guest_addr is not the used ring's address; logging the used ring where it is");
+            }
+        }
         // Reconnection: requests a previous back-end left in flight are resubmitted first,
         // and the avail ring resumes after them.
         let mut tracking = None;
@@ -332,6 +447,7 @@ impl BlkBackend {
             channel,
             call,
             inflight: tracking,
+            log: self.log_active.clone(),
         });
         let shared = QueueShared::new();
         let thread = &ctrl.threads[index % ctrl.threads.len()];
@@ -379,6 +495,8 @@ impl BlkBackend {
         self.protocol_features = 0;
         self.status = 0;
         self.inflight = None;
+        self.log_region = None;
+        self.log_active = None;
         self.mem = Arc::new(GuestMemory::empty());
     }
 
@@ -395,6 +513,13 @@ impl BlkBackend {
         // hugepage variants check for 2097152 here).
         let page_sizes: Vec<u64> = mem.regions().map(|r| r.page_size()).collect();
         tracing::info!(ctrlr = %self.ctrl.name, regions = mem.len(), ?page_sizes, "vhost: memory table set");
+        if let Some(log) = &self.log_region {
+            if let Err(error) = log.check_covers(mem.end_gpa()) {
+                // Marks past the end are counted and skipped; the front-end resizes the log
+                // (a new SET_LOG_BASE) when its memory grows.
+                tracing::warn!(ctrlr = %self.ctrl.name, %error, "vhost: the dirty log does not cover the new memory table");
+            }
+        }
         self.mem = mem;
         for index in 0..self.vrings.len() {
             if let Err(error) = self.maybe_start(index) {
@@ -412,6 +537,7 @@ fn protocol_features_offered(dev: &BlkDevice) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::INFLIGHT_SHMFD
     };
     inflight
+        | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
@@ -436,17 +562,19 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     }
 
     fn get_features(&mut self) -> VuResult<u64> {
-        Ok(self.ctrl.dev.features() | PROTOCOL_FEATURES_BIT)
+        Ok(self.ctrl.dev.features() | PROTOCOL_FEATURES_BIT | LOG_ALL_BIT)
     }
 
     fn set_features(&mut self, features: u64) -> VuResult<()> {
-        let offered = self.ctrl.dev.features() | PROTOCOL_FEATURES_BIT;
+        let offered = self.ctrl.dev.features() | PROTOCOL_FEATURES_BIT | LOG_ALL_BIT;
         if features & !offered != 0 {
             tracing::warn!(ctrlr = %self.ctrl.name, features, offered, "vhost: front-end acked features not offered");
             return Err(VuError::FeatureMismatch);
         }
         self.acked_features = features;
-        Ok(())
+        // QEMU turns VHOST_F_LOG_ALL on and off on running rings when migration starts and
+        // ends, and waits for this reply before it relies on the log.
+        self.refresh_log()
     }
 
     fn set_mem_table(
@@ -497,13 +625,18 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VuResult<()> {
         let vring = self.vring(index)?;
+        // The log flag alone may change while the ring runs (QEMU re-sends the addresses
+        // with it set when migration starts logging).
+        vring.used_log_gpa = flags
+            .contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
+            .then_some(log);
         let addrs = VringAddrs {
             desc_uva: descriptor,
             avail_uva: available,
@@ -740,8 +873,30 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         Err(invalid("SHMEM is not supported"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(invalid("LOG_SHMFD is not offered"))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        // The vhost-user spec gives SET_LOG_BASE no error reply (QEMU and rust-vmm's front-end
+        // wait for the echoed message), and acknowledging a log that is not kept would let a
+        // migration go on with pages untracked: a refusal closes the connection, as DPDK's
+        // rte_vhost does, and the front-end sees SET_LOG_BASE fail.
+        let refuse = |backend: &mut Self, error: crate::dirty_log::LogError| {
+            tracing::error!(ctrlr = %backend.ctrl.name, mmap_size = log.mmap_size, mmap_offset = log.mmap_offset, %error, "vhost: SET_LOG_BASE refused; closing the connection");
+            backend.close_connection = true;
+            req_error(error)
+        };
+        let region = match DirtyLog::map(&file, log.mmap_size, log.mmap_offset) {
+            Ok(region) => region,
+            Err(error) => return Err(refuse(self, error)),
+        };
+        if let Err(error) = region.check_covers(self.mem.end_gpa()) {
+            return Err(refuse(self, error));
+        }
+        tracing::info!(ctrlr = %self.ctrl.name, bytes = log.mmap_size, covered_bytes = region.covered_bytes(), "vhost: dirty log region set");
+        self.log_region = Some(Arc::new(region));
+        if let Err(error) = self.refresh_log() {
+            self.close_connection = true;
+            return Err(error);
+        }
+        Ok(())
     }
 }
 
@@ -809,23 +964,33 @@ fn serve(ctrl: &Arc<ControllerShared>, backend: &Arc<Mutex<BlkBackend>>, stream:
     *lock(&ctrl.conn) = Some(conn);
     let mut handler = BackendReqHandler::from_stream(stream, backend.clone());
     while !ctrl.stop.load(Ordering::Acquire) {
-        match pre_dispatch(ctrl, backend, &mut own) {
+        let last_request = match pre_dispatch(ctrl, backend, &mut own) {
             Ok(Dispatch::Handled) => continue,
-            Ok(Dispatch::Crate) => {}
+            Ok(Dispatch::Crate(request)) => request,
             Ok(Dispatch::Close) => return,
             Err(error) => {
                 tracing::info!(ctrlr = %ctrl.name, %error, "vhost: connection read failed");
                 return;
             }
-        }
+        };
         match handler.handle_request() {
             Ok(()) => {}
             Err(VuError::Disconnected) => return,
             Err(VuError::SocketRetry(error)) => {
                 tracing::debug!(ctrlr = %ctrl.name, %error, "vhost: retrying a message");
             }
+            Err(VuError::InactiveOperation(feature)) => {
+                tracing::warn!(ctrlr = %ctrl.name, ?feature, request = last_request, "vhost: request needs a protocol feature that was not negotiated");
+            }
             Err(error) if connection_survives(&error) => {
                 tracing::warn!(ctrlr = %ctrl.name, %error, "vhost: vhost-user request refused");
+                // A negotiated SET_LOG_BASE has no error reply: whether the crate refused its
+                // body (empty, overflowing) or the back-end refused the region, the front-end
+                // waits for an echo that never comes, so it must see the connection close.
+                let log_refused = last_request == SET_LOG_BASE;
+                if lock(backend).take_close_connection() || log_refused {
+                    return;
+                }
             }
             Err(error) => {
                 tracing::warn!(ctrlr = %ctrl.name, %error, "vhost: bad vhost-user message; closing the connection");
@@ -839,8 +1004,8 @@ fn serve(ctrl: &Arc<ControllerShared>, backend: &Arc<Mutex<BlkBackend>>, stream:
 enum Dispatch {
     /// Answered here.
     Handled,
-    /// A message the `vhost` crate parses and hands to [`BlkBackend`].
-    Crate,
+    /// A message the `vhost` crate parses and hands to [`BlkBackend`] (its request code).
+    Crate(u32),
     /// Unusable framing (oversized, a bad version): close the connection.
     Close,
 }
@@ -855,11 +1020,12 @@ const FLAG_ALL: u32 = 0xf;
 const MAX_MSG_SIZE: u32 = 0x1000;
 /// Requests that may carry file descriptors (checked by the crate after the body is read).
 const FD_REQUESTS: [u32; 8] = [5, 6, 12, 13, 14, 32, 37, 38];
+const SET_LOG_BASE: u32 = 6;
 const SET_STATUS: u32 = 39;
 const GET_STATUS: u32 = 40;
 /// The requests handed to the `vhost` crate: those [`BlkBackend`] implements.
-const CRATE_REQUESTS: [u32; 24] = [
-    1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 25, 31, 32, 34, 36, 37, 38,
+const CRATE_REQUESTS: [u32; 25] = [
+    1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 25, 31, 32, 34, 36, 37, 38,
 ];
 
 /// Looks at the next header without consuming it; answers GET/SET_STATUS and every request
@@ -875,7 +1041,7 @@ fn pre_dispatch(
     let n = crate::sys::peek(stream, &mut header)?;
     if n < HEADER_BYTES {
         // End of stream or a truncated header: the crate reports it.
-        return Ok(Dispatch::Crate);
+        return Ok(Dispatch::Crate(0));
     }
     let word =
         |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
@@ -892,7 +1058,7 @@ fn pre_dispatch(
     let fds_refused = fds > 0 && !FD_REQUESTS.contains(&request);
     tracing::trace!(ctrlr = %ctrl.name, request, flags, size, fds, "vhost: request");
     if CRATE_REQUESTS.contains(&request) && !fds_refused {
-        return Ok(Dispatch::Crate);
+        return Ok(Dispatch::Crate(request));
     }
     // Consume it: header and body (any attached fds are closed by the kernel, as no control
     // buffer is given).

@@ -394,6 +394,27 @@ impl GuestMemory {
         Some((index, offset))
     }
 
+    /// One past the highest guest address of the table (0 when empty): what a dirty log must
+    /// cover.
+    pub fn end_gpa(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.spec.gpa + r.spec.size)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The guest address of host address `host` when `[host, host + len)` lies inside one
+    /// region's mapping (a bdev iovec built from this table, translated back for the dirty
+    /// log: only while logging is on, so the data path pays nothing otherwise).
+    pub fn host_to_gpa(&self, host: u64, len: u64) -> Option<u64> {
+        self.regions.iter().find_map(|r| {
+            let offset = host.checked_sub(r.host as u64)?;
+            let end = offset.checked_add(len)?;
+            (end <= r.spec.size).then_some(r.spec.gpa + offset)
+        })
+    }
+
     /// Translates a front-end virtual address range (vring addresses) to a guest address;
     /// the range must lie inside one region.
     pub fn uva_to_gpa(&self, uva: u64, len: u64) -> Result<u64, MemoryError> {

@@ -246,6 +246,15 @@ impl VirtQueue {
         }
     }
 
+    /// The guest range the device writes when it publishes used entries (the dirty log marks
+    /// it after a publish): the used ring (split), the descriptor ring (packed).
+    pub fn device_written_area(&self) -> (u64, u64) {
+        match self {
+            VirtQueue::Split(q) => (q.used.gpa(), q.used.len()),
+            VirtQueue::Packed(q) => (q.ring.gpa(), q.ring.len()),
+        }
+    }
+
     /// Split: the used index in guest memory (what the driver has seen published).
     pub fn published_used_idx(&self) -> Option<u16> {
         match self {

@@ -43,6 +43,9 @@ const VERSION_1: u64 = 1 << 32;
 const RING_PACKED: u64 = 1 << 34;
 const PROTOCOL_FEATURES: u64 = 1 << 30;
 const INFLIGHT_SHMFD: u64 = 0x1000;
+const LOG_SHMFD: u64 = 0x2;
+/// VHOST_F_LOG_ALL.
+const LOG_ALL: u64 = 1 << 26;
 /// MQ | REPLY_ACK | CONFIG | CONFIGURE_MEM_SLOTS.
 const PROTOCOL: u64 = 0x1 | 0x8 | 0x200 | 0x8000;
 
@@ -145,6 +148,8 @@ struct Fe {
     // Packed driver state.
     next_slot: u16,
     wrap: bool,
+    /// Protocol features acked on top of PROTOCOL (and INFLIGHT_SHMFD with a region).
+    extra_protocol: u64,
 }
 
 impl Fe {
@@ -161,7 +166,14 @@ impl Fe {
             used_seen: 0,
             next_slot: 0,
             wrap: true,
+            extra_protocol: 0,
         }
+    }
+
+    /// Whether the target closed the connection (end of stream within the read timeout).
+    fn closed(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(self.sock.read(&mut byte), Ok(0))
     }
 
     fn send(&self, request: u32, flags: u32, body: &[u8], fds: &[i32]) {
@@ -226,12 +238,13 @@ impl Fe {
             acked |= RING_PACKED;
         }
         self.send(2, 0, &acked.to_le_bytes(), &[]);
+        assert_eq!(protocol & self.extra_protocol, self.extra_protocol);
         let protocol_acked = if inflight.is_some() {
             assert_ne!(protocol & INFLIGHT_SHMFD, 0, "inflight offered");
             PROTOCOL | INFLIGHT_SHMFD
         } else {
             PROTOCOL
-        };
+        } | self.extra_protocol;
         self.send(16, 0, &protocol_acked.to_le_bytes(), &[]);
         assert_eq!(self.ack(3, &[], &[]), 0, "SET_OWNER");
         if let Some((file, size)) = inflight {
@@ -745,5 +758,172 @@ fn reconnect_resubmits_the_requests_left_in_flight() {
     // The ring goes on from where the previous back-end stopped.
     fe.avail_idx = 2;
     fe.used_seen = 2;
+    assert_valid_read_completes(&mut fe);
+}
+
+/// SET_LOG_BASE's body: mmap_size, mmap_offset.
+fn log_base(size: u64, offset: u64) -> Vec<u8> {
+    let mut body = size.to_le_bytes().to_vec();
+    body.extend_from_slice(&offset.to_le_bytes());
+    body
+}
+
+fn log_bits(log: &File) -> Vec<u8> {
+    let mut bits = vec![0u8; (MEM_BYTES / 4096 / 8) as usize];
+    log.read_exact_at(&mut bits, 0).expect("log read");
+    bits
+}
+
+fn dirty(bits: &[u8], gpa: u64) -> bool {
+    let page = gpa / 4096;
+    bits[(page / 8) as usize] & (1 << (page % 8)) != 0
+}
+
+/// Live migration's dirty log, as QEMU drives it: SET_LOG_BASE with a memfd, then
+/// VHOST_F_LOG_ALL on the running ring. Every page the target writes is marked (the read's
+/// data buffer, the status byte, the used ring or, packed, the descriptor ring), nothing
+/// else is, and nothing is marked once logging is off again.
+fn dirty_log_marks_what_the_target_writes(packed: bool) {
+    let target = start_target(if packed { "log-packed" } else { "log-split" });
+    let socket = target.dir.join(if packed { "packed" } else { "split" });
+    let mut fe = Fe::connect(&socket, guest_file(&target.dir));
+    fe.extra_protocol = LOG_SHMFD;
+    fe.setup(packed);
+    let features = fe.get_u64(1);
+    assert_ne!(features & LOG_ALL, 0, "VHOST_F_LOG_ALL offered");
+    let log = guest_file(&target.dir);
+    log.set_len(4096).expect("log size");
+    let log_bytes = MEM_BYTES / 4096 / 8;
+    fe.send(6, 0, &log_base(log_bytes, 0), &[log.as_raw_fd()]);
+    assert_eq!(fe.reply(6), log_base(log_bytes, 0), "SET_LOG_BASE echoed");
+    let mut acked = VERSION_1 | PROTOCOL_FEATURES;
+    if packed {
+        acked |= RING_PACKED;
+    }
+    assert_eq!(
+        fe.ack(2, &(acked | LOG_ALL).to_le_bytes(), &[]),
+        0,
+        "SET_FEATURES with LOG_ALL"
+    );
+    let read_buf = BUF + 0x8000;
+    let write_buf = BUF + 0x20000;
+    let (status, used_len) = if packed {
+        fe.put(HDR, &hdr(VIRTIO_BLK_T_OUT, 0));
+        fe.packed_request(
+            &[(HDR, 16, 0), (write_buf, 4096, 0), (STATUS, 1, W)],
+            1,
+            true,
+        )
+        .expect("write used");
+        fe.put(HDR, &hdr(VIRTIO_BLK_T_IN, 0));
+        fe.packed_request(
+            &[(HDR, 16, 0), (read_buf, 8192, W), (STATUS, 1, W)],
+            2,
+            true,
+        )
+        .expect("read used")
+    } else {
+        fe.put(HDR, &hdr(VIRTIO_BLK_T_OUT, 0));
+        fe.split_request(&chain(&[
+            (HDR, 16, 0),
+            (write_buf, 4096, 0),
+            (STATUS, 1, W),
+        ]));
+        fe.put(HDR, &hdr(VIRTIO_BLK_T_IN, 0));
+        fe.split_request(&chain(&[(HDR, 16, 0), (read_buf, 8192, W), (STATUS, 1, W)]))
+    };
+    assert_eq!((status, used_len), (VIRTIO_BLK_S_OK, 8193));
+    let bits = log_bits(&log);
+    let ring_written = if packed { DESC } else { USED };
+    for (gpa, what) in [
+        (read_buf, "read buffer, first page"),
+        (read_buf + 4096, "read buffer, second page"),
+        (STATUS, "status byte"),
+        (ring_written, "used ring"),
+    ] {
+        assert!(dirty(&bits, gpa), "{what} ({gpa:#x}) logged");
+    }
+    for (gpa, what) in [
+        (write_buf, "write buffer"),
+        (BUF + 0x40000, "untouched page"),
+    ] {
+        assert!(!dirty(&bits, gpa), "{what} ({gpa:#x}) not logged");
+    }
+    if !packed {
+        assert!(!dirty(&bits, AVAIL), "the avail ring is the driver's");
+    }
+    let marked: u32 = bits.iter().map(|b| b.count_ones()).sum();
+    assert!(marked <= 5, "only the pages written are marked ({marked})");
+    let mut rest = vec![0u8; 4096 - log_bytes as usize];
+    log.read_exact_at(&mut rest, log_bytes).expect("rest");
+    assert!(rest.iter().all(|b| *b == 0), "nothing written past the log");
+
+    // Logging off: nothing more is marked.
+    assert_eq!(
+        fe.ack(2, &acked.to_le_bytes(), &[]),
+        0,
+        "SET_FEATURES without LOG_ALL"
+    );
+    log.write_all_at(&vec![0u8; log_bytes as usize], 0)
+        .expect("clear");
+    if packed {
+        fe.put(HDR, &hdr(VIRTIO_BLK_T_IN, 0));
+        fe.packed_request(
+            &[(HDR, 16, 0), (read_buf, 4096, W), (STATUS, 1, W)],
+            3,
+            true,
+        )
+        .expect("read used");
+    } else {
+        assert_valid_read_completes(&mut fe);
+    }
+    assert!(
+        log_bits(&log).iter().all(|b| *b == 0),
+        "nothing logged while off"
+    );
+}
+
+#[test]
+fn dirty_log_marks_what_the_target_writes_split() {
+    dirty_log_marks_what_the_target_writes(false);
+}
+
+#[test]
+fn dirty_log_marks_what_the_target_writes_packed() {
+    dirty_log_marks_what_the_target_writes(true);
+}
+
+/// A log region the target cannot keep is refused by closing the connection (SET_LOG_BASE
+/// has no error reply, and an echo would let a migration go on untracked); the target goes
+/// on serving the next front-end. Without LOG_SHMFD the message is refused and the
+/// connection goes on.
+#[test]
+fn bad_log_regions_are_refused() {
+    let target = start_target("log-bad");
+    let socket = target.dir.join("split");
+    let log = guest_file(&target.dir);
+    log.set_len(4096).expect("log size");
+    for (size, offset, why) in [
+        (1u64, 0u64, "too small for 2 MiB of guest memory"),
+        (8192, 0, "past the end of its file"),
+        (64, u64::MAX - 8, "offset overflows"),
+        (0, 0, "empty"),
+    ] {
+        let mut fe = Fe::connect(&socket, guest_file(&target.dir));
+        fe.extra_protocol = LOG_SHMFD;
+        fe.setup(false);
+        fe.send(6, 0, &log_base(size, offset), &[log.as_raw_fd()]);
+        assert!(fe.closed(), "log region {why}: connection closed");
+        let mut bits = [0u8; 4096];
+        log.read_exact_at(&mut bits, 0).expect("log");
+        assert!(
+            bits.iter().all(|b| *b == 0),
+            "log region {why}: nothing written"
+        );
+    }
+    // Not negotiated: refused, connection kept, I/O goes on.
+    let mut fe = Fe::connect(&socket, guest_file(&target.dir));
+    fe.setup(false);
+    fe.send(6, 0, &log_base(64, 0), &[log.as_raw_fd()]);
     assert_valid_read_completes(&mut fe);
 }
