@@ -26,11 +26,16 @@
 #                            Optionally SUITE_SMP: the guest's vCPU count (default 1).
 #                            Optionally SUITE_MEM: the guest's RAM, as QEMU's -m (default 1G); a
 #                            suite with its own memory backend sizes it the same.
+#                            Optionally SUITE_CMDLINE: extra guest kernel parameters.
 #                            Optionally SUITE_HOST_PACKAGES: Debian packages the suite needs on
 #                            the host (e.g. fio for SUITE_HOST_BINS), installed when missing.
 #                            Optionally SUITE_BENCHMARK=1: the suite measures rather than tests;
 #                            `all` and `--list` leave it out (with a note on stderr), since CI
 #                            time is limited: run it by name.
+# Each variant's console goes to $CACHE/logs/<suite>-<variant>.log, its QEMU command line (shell
+# words) to that path plus `.cmd` before suite_host_start runs (a suite that starts a second QEMU
+# of the same machine, e.g. a migration destination, starts from it), and the hooks' output to
+# `.host`. suite_host_stop may append to the log (what a second QEMU printed) before it is read.
 # Each variant boots once; it passes when the guest prints `POLLUX-SUITE-RESULT: PASS`, exits
 # in time, and its kernel log shows no IOMMU DMA fault (`DMAR: [DMA`).
 #
@@ -259,7 +264,7 @@ run_variant() {
         -machine q35,kernel-irqchip=split -accel tcg -smp "$SUITE_SMP" -m "$SUITE_MEM"
         -nographic -no-reboot -monitor none
         -kernel "$KERNEL_IMAGE" -initrd "$INITRAMFS"
-        -append "console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pollux.suite=$suite pollux.variant=$variant"
+        -append "console=ttyS0 intel_iommu=on panic=-1 loglevel=4 pollux.suite=$suite pollux.variant=$variant${SUITE_CMDLINE:+ $SUITE_CMDLINE}"
         "${extra[@]}"
     )
     log "$suite/$variant: booting (log: $log_file)"
@@ -317,7 +322,7 @@ run_suite() {
     [[ -f "$VM_DIR/$suite.conf" && -f "$VM_DIR/$suite.sh" ]] ||
         die "unknown suite '$suite' (known: $(list_suites | tr '\n' ' '))"
     SUITE_PACKAGES=() SUITE_BINS=() SUITE_HOST_BINS=() SUITE_MODULES=() SUITE_VARIANTS=()
-    SUITE_BENCHMARK=0 SUITE_SMP=1 SUITE_MEM=1G SUITE_HOST_PACKAGES=()
+    SUITE_BENCHMARK=0 SUITE_SMP=1 SUITE_MEM=1G SUITE_CMDLINE='' SUITE_HOST_PACKAGES=()
     unset -f suite_qemu_args suite_host_check suite_host_start suite_host_stop
     # shellcheck source=/dev/null
     source "$VM_DIR/$suite.conf"
