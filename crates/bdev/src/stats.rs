@@ -198,14 +198,20 @@ impl IoStats {
             return LatencySummaryUs::default();
         }
         let us = clock::ticks_to_us;
+        // A bucket's upper edge can lie past the largest sample: a percentile never does.
+        let (lowest, highest) = (
+            self.latency_ticks_min,
+            self.latency_ticks_max.max(self.latency_ticks_min),
+        );
+        let at = |percent: f64| us(self.histogram.percentile(percent).clamp(lowest, highest));
         LatencySummaryUs {
             avg: us(self.latency_ticks_total) / count as f64,
             min: us(self.latency_ticks_min),
             max: us(self.latency_ticks_max),
-            p50: us(self.histogram.percentile(50.0)),
-            p90: us(self.histogram.percentile(90.0)),
-            p99: us(self.histogram.percentile(99.0)),
-            p99_9: us(self.histogram.percentile(99.9)),
+            p50: at(50.0),
+            p90: at(90.0),
+            p99: at(99.0),
+            p99_9: at(99.9),
         }
     }
 }
@@ -261,6 +267,11 @@ mod tests {
             (stats.latency_ticks_min, stats.latency_ticks_max),
             (100, 300)
         );
+        // Percentiles stay within the samples (a bucket's edge may not).
+        let summary = stats.latency_us();
+        for p in [summary.p50, summary.p90, summary.p99, summary.p99_9] {
+            assert!(summary.min <= p && p <= summary.max, "{summary:?}");
+        }
         let mut sum = IoStats::default();
         sum.merge(&stats);
         sum.merge(&stats);
