@@ -18,6 +18,7 @@ use pollux_reactor::{send_msg, ThreadCtx, ThreadHandle};
 use crate::channel::BdevChannel;
 use crate::error::BdevError;
 use crate::module::BdevBackend;
+use crate::qos::{QosBucket, QosLimits, QosUpdate};
 use crate::stats::IoStats;
 use crate::types::{BdevInfo, BdevSpec, IoType, Uuid};
 
@@ -73,6 +74,8 @@ pub(crate) struct BdevShared {
     /// Written once by unregister, read by every submit: the line stays shared in every
     /// core's cache, so the read costs nothing in steady state.
     pub(crate) removed: AtomicBool,
+    /// Rate limits; read by every submit only as one flag while none is set.
+    pub(crate) qos: QosBucket,
     state: Mutex<BdevState>,
 }
 
@@ -191,6 +194,7 @@ impl BdevRegistry {
             info: info.clone(),
             backend,
             removed: AtomicBool::new(false),
+            qos: QosBucket::default(),
             state: Mutex::new(BdevState::default()),
         }));
         Ok(info)
@@ -310,14 +314,45 @@ impl BdevRegistry {
         Ok(total)
     }
 
-    /// `{"subsystem": "bdev", "config": [...]}`: one entry per bdev that recreates it.
+    /// Changes a bdev's rate limits (by name or alias); the limits `update` leaves out stay.
+    /// Returns the limits now in force. Takes effect at the channels' next submit.
+    pub fn set_qos_limits(&self, name: &str, update: &QosUpdate) -> Result<QosLimits, BdevError> {
+        let bdev = self.get(name)?;
+        // The registry lock serialises setters, so no update is lost between read and set.
+        let _setters = lock(&self.inner);
+        let limits = bdev.qos.limits().updated(update);
+        bdev.qos.set(limits);
+        tracing::info!(bdev = %bdev.info.name, ?limits, "bdev QoS rate limits set");
+        Ok(limits)
+    }
+
+    /// A bdev's rate limits (all 0: none).
+    pub fn qos_limits(&self, name: &str) -> Result<QosLimits, BdevError> {
+        Ok(self.get(name)?.qos.limits())
+    }
+
+    /// `{"subsystem": "bdev", "config": [...]}`: one entry per bdev that recreates it,
+    /// followed by a `bdev_set_qos_limit` entry when it has rate limits (as SPDK writes it).
     pub fn save_config(&self) -> serde_json::Value {
         let inner = lock(&self.inner);
-        let config: Vec<serde_json::Value> = inner
-            .bdevs
-            .iter()
-            .map(|b| b.backend.write_config(&b.info))
-            .collect();
+        let mut config: Vec<serde_json::Value> = Vec::with_capacity(inner.bdevs.len());
+        for bdev in &inner.bdevs {
+            config.push(bdev.backend.write_config(&bdev.info));
+            let limits = bdev.qos.limits();
+            if !limits.is_unlimited() {
+                let mut params = serde_json::Map::new();
+                params.insert("name".to_string(), bdev.info.name.clone().into());
+                for (key, limit) in QosLimits::NAMES.iter().zip(limits.as_array()) {
+                    if limit != 0 {
+                        params.insert(key.to_string(), limit.into());
+                    }
+                }
+                config.push(serde_json::json!({
+                    "method": crate::config::QOS_METHOD,
+                    "params": params,
+                }));
+            }
+        }
         serde_json::json!({ "subsystem": "bdev", "config": config })
     }
 }

@@ -19,6 +19,7 @@
 //!
 //! A channel is `Send` (it may be moved into a poller) but not `Sync`.
 
+use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -97,6 +98,12 @@ pub struct BdevChannel {
     stats_dirty: bool,
     /// Idle polls since the last completion, for a final publication once the channel idles.
     idle_polls: u32,
+    /// Slots of I/Os held back by the bdev's rate limits, oldest first (see [`crate::qos`]).
+    /// Empty and unallocated until a limit first holds one back.
+    qos_waiting: VecDeque<u16>,
+    /// The iovecs of each waiting slot, by slot index (each keeps its capacity: allocation
+    /// happens only while the lists first grow).
+    qos_iovs: Vec<Vec<IoVec>>,
 }
 
 /// A busy channel publishes its statistics to its bdev at most this often.
@@ -144,6 +151,8 @@ impl BdevChannel {
                 as u64,
             stats_dirty: false,
             idle_polls: 0,
+            qos_waiting: VecDeque::new(),
+            qos_iovs: Vec::new(),
             module,
             bdev,
         })
@@ -184,7 +193,13 @@ impl BdevChannel {
     /// [`BackendChannel::interrupt_fd`](crate::module::BackendChannel::interrupt_fd)): an
     /// interrupt-mode owner registers it with its reactor and may stop polling while it is
     /// not readable. `None`: keep polling while I/O is outstanding.
+    ///
+    /// `None` as well while the bdev has rate limits: I/O held back by them starts from a
+    /// poll, which no fd announces.
     pub fn interrupt_fd(&self) -> Option<BorrowedFd<'_>> {
+        if self.bdev.qos.is_active() {
+            return None;
+        }
         self.module.interrupt_fd()
     }
 
@@ -275,6 +290,11 @@ impl BdevChannel {
             in_flight: true,
         };
         match status {
+            // Only reads and writes are limited; the others pass those waiting (a flush
+            // covers completed writes only, so passing waiting ones changes nothing).
+            IoStatus::Success if self.bdev.qos.is_active() && io_type.carries_data() => {
+                self.submit_limited(slot_index, io_type, bytes, iovs)
+            }
             IoStatus::Success => self.module.submit(
                 &IoRequest {
                     slot: slot_index,
@@ -288,6 +308,60 @@ impl BdevChannel {
             failed => self.done.complete(slot_index, failed),
         }
         Ok(())
+    }
+
+    /// Submits an I/O under the bdev's rate limits, or holds it back behind those already
+    /// waiting.
+    #[cold]
+    fn submit_limited(&mut self, slot: u16, io_type: IoType, bytes: u64, iovs: &[IoVec]) {
+        let now = self.slots[usize::from(slot)].submit_ticks;
+        if self.qos_waiting.is_empty() && self.bdev.qos.try_take(now, io_type, bytes) {
+            let request = IoRequest {
+                slot,
+                io_type,
+                offset_blocks: self.slots[usize::from(slot)].offset_blocks,
+                num_blocks: self.slots[usize::from(slot)].num_blocks,
+                iovs,
+            };
+            self.module.submit(&request, &mut self.done);
+            return;
+        }
+        if self.qos_iovs.is_empty() {
+            self.qos_iovs = vec![Vec::new(); self.slots.len()];
+            self.qos_waiting.reserve_exact(self.slots.len());
+        }
+        let kept = &mut self.qos_iovs[usize::from(slot)];
+        kept.clear();
+        kept.extend_from_slice(iovs);
+        self.qos_waiting.push_back(slot);
+    }
+
+    /// Starts the held-back I/Os the rate limits now allow, oldest first; all of them once
+    /// the limits are gone. A bdev removed meanwhile fails them.
+    #[cold]
+    fn start_waiting(&mut self) {
+        let now = clock::ticks();
+        while let Some(&slot) = self.qos_waiting.front() {
+            let held = self.slots[usize::from(slot)];
+            debug_assert!(held.in_flight, "a waiting slot is in flight");
+            if self.is_removed() {
+                self.done.complete(slot, IoStatus::Removed);
+            } else if !self.bdev.qos.is_active()
+                || self.bdev.qos.try_take(now, held.io_type, held.bytes)
+            {
+                let request = IoRequest {
+                    slot,
+                    io_type: held.io_type,
+                    offset_blocks: held.offset_blocks,
+                    num_blocks: held.num_blocks,
+                    iovs: &self.qos_iovs[usize::from(slot)],
+                };
+                self.module.submit(&request, &mut self.done);
+            } else {
+                break;
+            }
+            self.qos_waiting.pop_front();
+        }
     }
 
     /// The checks every module relies on; returns the status and the byte count.
@@ -345,6 +419,9 @@ impl BdevChannel {
     where
         F: FnMut(&mut BdevChannel, IoCompletion),
     {
+        if !self.qos_waiting.is_empty() {
+            self.start_waiting();
+        }
         self.module.poll(&mut self.done);
         let count = self.done.len().min(MAX_COMPLETIONS_PER_POLL);
         if count == 0 {

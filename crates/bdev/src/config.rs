@@ -29,6 +29,7 @@ use serde_json::{Map, Value};
 
 use crate::error::BdevError;
 use crate::modules::{malloc, null};
+use crate::qos::{QosLimits, QosUpdate};
 use crate::types::{BdevInfo, Uuid};
 use crate::BdevRegistry;
 
@@ -53,7 +54,37 @@ pub type ParseFn = fn(&Params<'_>) -> Result<Box<dyn PendingBdev>, BdevError>;
 #[derive(Clone, Copy)]
 enum Method {
     Create(ParseFn),
+    /// `bdev_set_qos_limit`: applied once the bdevs exist.
+    SetQos,
     Ignore,
+}
+
+/// SPDK's method for a bdev's rate limits (see [`crate::qos`]).
+pub const QOS_METHOD: &str = "bdev_set_qos_limit";
+
+/// `bdev_set_qos_limit`'s parameters, as SPDK names them: the bdev's `name` and at least one
+/// limit (0 removes that limit; a limit left out stays as it is).
+pub fn parse_qos_limit(params: &Params<'_>) -> Result<(String, QosUpdate), BdevError> {
+    let mut known = vec!["name"];
+    known.extend(QosLimits::NAMES);
+    params.allow_only(&known)?;
+    let name = params.required_str("name")?.to_string();
+    let update = QosUpdate {
+        rw_ios_per_sec: params.u64("rw_ios_per_sec")?,
+        rw_mbytes_per_sec: params.u64("rw_mbytes_per_sec")?,
+        r_mbytes_per_sec: params.u64("r_mbytes_per_sec")?,
+        w_mbytes_per_sec: params.u64("w_mbytes_per_sec")?,
+    };
+    if update.is_empty() {
+        return Err(params.invalid(
+            "rw_ios_per_sec",
+            "no rate limit given: set at least one of rw_ios_per_sec, rw_mbytes_per_sec, r_mbytes_per_sec, w_mbytes_per_sec (0: unlimited)",
+        ));
+    }
+    update
+        .check()
+        .map_err(|(param, reason)| params.invalid(param, &reason))?;
+    Ok((name, update))
 }
 
 /// The configuration methods known to this process; extensible per module.
@@ -77,8 +108,8 @@ impl MethodTable {
     }
 
     /// Every module that ships with Pollux: `bdev_malloc_create`, `bdev_null_create`,
-    /// `bdev_aio_create`, `bdev_uring_create` and `bdev_delay_create`; and the ignored
-    /// `bdev_set_options` and `bdev_wait_for_examine`.
+    /// `bdev_aio_create`, `bdev_uring_create` and `bdev_delay_create`; `bdev_set_qos_limit`;
+    /// and the ignored `bdev_set_options` and `bdev_wait_for_examine`.
     pub fn with_builtin() -> Self {
         let mut table = Self::empty();
         table
@@ -99,6 +130,7 @@ impl MethodTable {
             crate::modules::delay::METHOD.to_string(),
             Method::Create(crate::modules::delay::parse),
         );
+        table.methods.insert(QOS_METHOD.to_string(), Method::SetQos);
         for ignored in ["bdev_set_options", "bdev_wait_for_examine"] {
             table.methods.insert(ignored.to_string(), Method::Ignore);
         }
@@ -330,6 +362,7 @@ pub fn apply(
         .as_array()
         .ok_or_else(|| shape(path, "\"subsystems\" must be an array"))?;
     let mut pending: Vec<(String, Box<dyn PendingBdev>)> = Vec::new();
+    let mut limits: Vec<(String, QosUpdate)> = Vec::new();
     for subsystem in subsystems {
         let name = subsystem
             .get("subsystem")
@@ -366,13 +399,27 @@ pub fn apply(
                     known: table.methods().join(", "),
                 }
             })?;
-            let Method::Create(parse) = method else {
-                tracing::debug!(method = method_name, "config: method accepted and ignored");
-                continue;
-            };
             let params = Params::new(method_name, entry.get("params"))?;
-            let bdev = parse(&params)?;
-            pending.push((method_name.to_string(), bdev));
+            match method {
+                Method::Create(parse) => {
+                    let bdev = parse(&params)?;
+                    pending.push((method_name.to_string(), bdev));
+                }
+                Method::SetQos => {
+                    let (name, update) = parse_qos_limit(&params)?;
+                    let earlier = pending.iter().any(|(_, b)| b.name() == Some(name.as_str()));
+                    if !earlier && !registry.contains(&name) {
+                        return Err(params.invalid(
+                            "name",
+                            &format!("no bdev {name:?} exists or is created before entry {index}"),
+                        ));
+                    }
+                    limits.push((name, update));
+                }
+                Method::Ignore => {
+                    tracing::debug!(method = method_name, "config: method accepted and ignored");
+                }
+            }
         }
     }
     // Names: unique in the file and not yet registered.
@@ -414,6 +461,12 @@ pub fn apply(
                     source: Box::new(source),
                 });
             }
+        }
+    }
+    for (name, update) in &limits {
+        // Checked in phase one; a bdev that went away since is reported, not fatal.
+        if let Err(error) = registry.set_qos_limits(name, update) {
+            tracing::error!(bdev = %name, %error, "config: bdev_set_qos_limit not applied");
         }
     }
     tracing::info!(path = %path.display(), bdevs = ?created, "bdev config applied");

@@ -7,13 +7,14 @@
 //!   ([`BdevDesc::claim`]).
 //! - [`BdevChannel`]: one thread's I/O queue to a bdev: read / write with iovec lists, flush,
 //!   unmap, write zeroes, reset; a fixed pool of request slots; completions handed to the
-//!   submitter from [`BdevChannel::poll`]; per-channel [`IoStats`].
+//!   submitter from [`BdevChannel::poll`]; per-channel [`IoStats`]; per-bdev rate limits
+//!   ([`qos`], SPDK's `bdev_set_qos_limit`) shared by the bdev's channels.
 //! - [`module`]: the interface a backend implements; [`modules`]: malloc (a RAM disk), null
 //!   (no data), aio (a file or block device through Linux native AIO), uring (the same
 //!   through io_uring) and delay (a virtual bdev that holds another's completions back by a
 //!   configured latency, as SPDK's `bdev_delay_create`).
 //! - [`config`]: SPDK's JSON configuration (`bdev_malloc_create`, `bdev_null_create`,
-//!   `bdev_aio_create`, `bdev_uring_create`, `bdev_delay_create`).
+//!   `bdev_aio_create`, `bdev_uring_create`, `bdev_delay_create`, `bdev_set_qos_limit`).
 //!
 //! `unsafe` in the layer itself: only the TSC read in `clock`. In the modules: malloc's
 //! copies between its disk and the caller's memory; aio's raw system calls (`io_setup`,
@@ -31,6 +32,7 @@ pub mod config;
 mod error;
 pub mod module;
 pub mod modules;
+pub mod qos;
 pub mod stats;
 mod types;
 
