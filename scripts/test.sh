@@ -39,6 +39,9 @@ else
     cargo test --workspace --no-fail-fast
 fi
 
+step "bdev QoS rate limits held by bdevperf (scripts/qos-check.sh)"
+scripts/qos-check.sh
+
 step "benches build"
 cargo bench --workspace --no-run
 

@@ -53,9 +53,9 @@ const VIRTIO_ADMIN_POLL_US: u64 = 10_000;
 const VIRTIO_CONTROLLER_BYTES: u64 = 4 << 20;
 
 fn main() -> ExitCode {
-    pollux_cli::init_logging("warn", pollux_cli::Colour::Default);
+    let log_filter = Arc::new(pollux_cli::init_logging("warn"));
     let args = Args::parse();
-    match run(&args) {
+    match run(&args, log_filter) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(message) => {
@@ -112,7 +112,7 @@ fn config_demand(path: &Path) -> (u64, u64) {
     (malloc_bytes, bdevs.max(1))
 }
 
-fn run(args: &Args) -> Result<bool, String> {
+fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<bool, String> {
     args.validate()?;
     let cpumask = CpuMask::parse_available(&args.cpumask).map_err(|e| format!("-m: {e}"))?;
     let (malloc_bytes, bdev_estimate) = match (&args.config, args.wait_for_tests) {
@@ -169,7 +169,7 @@ fn run(args: &Args) -> Result<bool, String> {
         }
     }
     if args.wait_for_tests {
-        return rpc_mode::run(args, cpumask, dma, registry);
+        return rpc_mode::run(args, cpumask, dma, registry, log_filter);
     }
     let targets = match &args.target {
         Some(target) => {

@@ -20,8 +20,8 @@ use pollux_nvme::bdev::NvmeModule;
 use pollux_reactor::{send_msg, App, AppConfig, PollStatus, ThreadCtx, ThreadHandle};
 use pollux_rpc::error::code;
 use pollux_rpc::{
-    register_bdev, register_framework, Allowed, BdevRpc, Call, Reply, RpcError, RpcMethods,
-    RpcServer, RpcServerConfig, RpcState,
+    register_bdev, register_framework, register_log, Allowed, BdevRpc, Call, LogHooks, Reply,
+    RpcError, RpcMethods, RpcServer, RpcServerConfig, RpcState,
 };
 use pollux_virtio::bdev::VirtioModule;
 
@@ -149,10 +149,13 @@ pub fn run(
     cpumask: CpuMask,
     dma: Arc<DmaMemory>,
     registry: Arc<BdevRegistry>,
+    log_filter: Arc<pollux_cli::LogFilter>,
 ) -> Result<bool, String> {
     let mut methods = RpcMethods::new(RpcState::Runtime);
     let setup = |e: pollux_rpc::ServerError| e.to_string();
     register_framework(&mut methods, None).map_err(setup)?;
+    let (set, get) = log_filter.hooks();
+    register_log(&mut methods, LogHooks { set, get }).map_err(setup)?;
     register_bdev(
         &mut methods,
         BdevRpc::new(registry.clone(), Some(dma.clone())),

@@ -90,7 +90,7 @@ fn parse_transport_id(text: &str) -> Result<PciAddress, IdentifyError> {
 }
 
 fn main() -> ExitCode {
-    pollux_cli::init_logging("warn", pollux_cli::Colour::WhenTerminal);
+    pollux_cli::init_logging("warn");
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -168,7 +168,7 @@ fn parse_ns(text: &str) -> Result<(u32, u64), String> {
 }
 
 fn main() -> ExitCode {
-    pollux_cli::init_logging("info", pollux_cli::Colour::WhenTerminal);
+    pollux_cli::init_logging("info");
     let args = Args::parse();
     let (result, ok_line) = match &args.command {
         Command::Run(run_args) => (run(run_args), "NVME-VMTEST: PASS"),

@@ -4,6 +4,8 @@
 //! pollux-rpc [-s sock] [-t timeout] bdev_malloc_create -b Malloc0 64 4096
 //! pollux-rpc bdev_get_bdevs
 //! pollux-rpc vhost_create_blk_controller vhost.0 Malloc0
+//! pollux-rpc bdev_set_qos_limit Malloc0 --rw_ios_per_sec 10000
+//! pollux-rpc framework_get_config bdev
 //! pollux-rpc call bdev_get_bdevs '{"name": "Malloc0"}'
 //! ```
 //!
@@ -56,6 +58,21 @@ enum Command {
     ThreadGetStats,
     /// Leave the startup state of a target started with --wait-for-rpc.
     FrameworkStartInit,
+    /// The subsystems of save_config, in init order, with what each depends on.
+    FrameworkGetSubsystems,
+    /// One subsystem's configuration entries (as save_config writes them).
+    FrameworkGetConfig {
+        /// Subsystem name (bdev, vhost_blk).
+        name: String,
+    },
+    /// Set the log level: ERROR, WARNING, NOTICE, INFO, DEBUG (or a RUST_LOG filter).
+    LogSetLevel { level: String },
+    /// The log level in force.
+    LogGetLevel,
+    /// Set the level of what is printed (the same as log_set_level: one sink, stderr).
+    LogSetPrintLevel { level: String },
+    /// The level of what is printed.
+    LogGetPrintLevel,
     /// Stop the target (SIGINT or SIGTERM: an orderly stop).
     SpdkKillInstance {
         /// Signal name: SIGINT or SIGTERM.
@@ -82,6 +99,8 @@ enum Command {
         #[arg(short = 'b', long = "name")]
         name: Option<String>,
     },
+    /// Set a bdev's rate limits (0: unlimited; a limit left out stays as it is).
+    BdevSetQosLimit(QosLimit),
     /// Create a RAM disk.
     BdevMallocCreate(MallocCreate),
     /// Delete a malloc bdev.
@@ -187,6 +206,24 @@ struct DelayCreate {
     /// UUID of the bdev.
     #[arg(short = 'u', long = "uuid")]
     uuid: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct QosLimit {
+    /// The bdev.
+    name: String,
+    /// I/Os per second, reads and writes together (a multiple of 1000).
+    #[arg(long = "rw_ios_per_sec", alias = "rw-ios-per-sec")]
+    rw_ios_per_sec: Option<u64>,
+    /// MiB per second, reads and writes together.
+    #[arg(long = "rw_mbytes_per_sec", alias = "rw-mbytes-per-sec")]
+    rw_mbytes_per_sec: Option<u64>,
+    /// MiB per second of reads.
+    #[arg(long = "r_mbytes_per_sec", alias = "r-mbytes-per-sec")]
+    r_mbytes_per_sec: Option<u64>,
+    /// MiB per second of writes.
+    #[arg(long = "w_mbytes_per_sec", alias = "w-mbytes-per-sec")]
+    w_mbytes_per_sec: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -354,6 +391,26 @@ fn request(command: &Command) -> Result<(String, Option<Value>), String> {
         Command::FrameworkGetReactors => ("framework_get_reactors", None),
         Command::ThreadGetStats => ("thread_get_stats", None),
         Command::FrameworkStartInit => ("framework_start_init", None),
+        Command::FrameworkGetSubsystems => ("framework_get_subsystems", None),
+        Command::FrameworkGetConfig { name } => ("framework_get_config", name_param(name)),
+        Command::LogSetLevel { level } => {
+            ("log_set_level", p().set("level", level.as_str()).build())
+        }
+        Command::LogGetLevel => ("log_get_level", None),
+        Command::LogSetPrintLevel { level } => (
+            "log_set_print_level",
+            p().set("level", level.as_str()).build(),
+        ),
+        Command::LogGetPrintLevel => ("log_get_print_level", None),
+        Command::BdevSetQosLimit(a) => (
+            "bdev_set_qos_limit",
+            p().set("name", a.name.as_str())
+                .opt("rw_ios_per_sec", a.rw_ios_per_sec)
+                .opt("rw_mbytes_per_sec", a.rw_mbytes_per_sec)
+                .opt("r_mbytes_per_sec", a.r_mbytes_per_sec)
+                .opt("w_mbytes_per_sec", a.w_mbytes_per_sec)
+                .build(),
+        ),
         Command::SpdkKillInstance { sig_name } => (
             "spdk_kill_instance",
             p().set("sig_name", sig_name.as_str()).build(),
@@ -690,6 +747,37 @@ mod tests {
             ])
             .1,
             Some(json!({"ctrlr": "vhost.1", "dev_name": "Malloc1", "transport": "vhost_user_blk"}))
+        );
+    }
+
+    #[test]
+    fn framework_log_and_qos_command_lines() {
+        assert_eq!(
+            parse(&["framework_get_config", "bdev"]),
+            (
+                "framework_get_config".to_string(),
+                Some(json!({"name": "bdev"}))
+            )
+        );
+        assert_eq!(
+            parse(&["framework_get_subsystems"]),
+            ("framework_get_subsystems".to_string(), None)
+        );
+        assert_eq!(
+            parse(&["log_set_level", "DEBUG"]).1,
+            Some(json!({"level": "DEBUG"}))
+        );
+        assert_eq!(
+            parse(&[
+                "bdev_set_qos_limit",
+                "Malloc0",
+                "--rw_ios_per_sec",
+                "10000",
+                "--w_mbytes_per_sec",
+                "20"
+            ])
+            .1,
+            Some(json!({"name": "Malloc0", "rw_ios_per_sec": 10000, "w_mbytes_per_sec": 20}))
         );
     }
 

@@ -139,6 +139,19 @@ fn create_list_delete_like_rpc_py() {
         .as_array()
         .expect("array")
         .contains(&Value::from("bdev_get_bdevs")));
+    // SPDK's newer rpc.py's save_config: the subsystems, then each one's config.
+    let subsystems: Value =
+        serde_json::from_str(&ok(&target.run(&["framework_get_subsystems"]))).expect("JSON");
+    assert_eq!(subsystems[0]["subsystem"], "bdev");
+    assert_eq!(
+        ok(&target.run(&["bdev_set_qos_limit", "Null0", "--rw_ios_per_sec", "10000"])),
+        ""
+    );
+    let config: Value =
+        serde_json::from_str(&ok(&target.run(&["framework_get_config", "bdev"]))).expect("JSON");
+    assert_eq!(config[0]["method"], "bdev_null_create");
+    assert_eq!(config[1]["method"], "bdev_set_qos_limit");
+    assert_eq!(config[1]["params"]["rw_ios_per_sec"], 10000);
     // `true` prints nothing, as rpc.py.
     assert_eq!(ok(&target.run(&["bdev_null_delete", "Null0"])), "");
     assert_eq!(ok(&target.run(&["bdev_get_bdevs"])).trim(), "[]");

@@ -44,8 +44,8 @@ use pollux_env::dma::{DmaConfig, DmaMemory};
 use pollux_nvme::bdev::NvmeModule;
 use pollux_reactor::{App, AppConfig, PollStatus, ThreadCtx};
 use pollux_rpc::{
-    register_bdev, register_framework, register_vhost, BdevRpc, RpcError, RpcMethods, RpcServer,
-    RpcServerConfig, RpcState, StartInit, DEFAULT_SOCKET_PATH,
+    register_bdev, register_framework, register_log, register_vhost, BdevRpc, LogHooks, RpcError,
+    RpcMethods, RpcServer, RpcServerConfig, RpcState, StartInit, DEFAULT_SOCKET_PATH,
 };
 use pollux_vhost::{ControllerOptions, VhostTarget};
 use pollux_virtio::bdev::VirtioModule;
@@ -98,9 +98,9 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    pollux_cli::init_logging("info", pollux_cli::Colour::Default);
+    let log_filter = Arc::new(pollux_cli::init_logging("info"));
     let args = Args::parse();
-    match run(&args) {
+    match run(&args, log_filter) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("pollux-vhost: {message}");
@@ -138,7 +138,7 @@ fn config_demand_mib(value: &serde_json::Value) -> u64 {
     bytes.div_ceil(1 << 20)
 }
 
-fn run(args: &Args) -> Result<(), String> {
+fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String> {
     let cpumask = CpuMask::parse_available(&args.cpumask).map_err(|e| format!("-m: {e}"))?;
     if !args.socket_dir.is_dir() {
         return Err(format!("-S {}: not a directory", args.socket_dir.display()));
@@ -197,6 +197,8 @@ fn run(args: &Args) -> Result<(), String> {
     let setup = |e: pollux_rpc::ServerError| error_chain(&e);
     let mut methods = RpcMethods::new(state);
     register_framework(&mut methods, start_init).map_err(setup)?;
+    let (set, get) = log_filter.hooks();
+    register_log(&mut methods, LogHooks { set, get }).map_err(setup)?;
     // bdev before vhost_blk: save_config writes the subsystems in this order.
     register_bdev(
         &mut methods,

@@ -61,7 +61,7 @@ fn total_hops(ring: &Ring) -> u64 {
 }
 
 fn main() -> ExitCode {
-    pollux_cli::init_logging("warn", pollux_cli::Colour::Default);
+    pollux_cli::init_logging("warn");
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -247,7 +247,7 @@ fn probe_dma(
 }
 
 fn main() -> ExitCode {
-    pollux_cli::init_logging("info", pollux_cli::Colour::WhenTerminal);
+    pollux_cli::init_logging("info");
     let args = Args::parse();
     match run(&args) {
         Ok(()) => {

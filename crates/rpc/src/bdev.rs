@@ -1,7 +1,8 @@
 //! The bdev layer's methods, with SPDK's names and parameters: `bdev_get_bdevs`,
 //! `bdev_get_iostat`, `bdev_{malloc,null,aio,uring}_{create,delete}`,
 //! `bdev_nvme_attach_controller` / `bdev_nvme_detach_controller`,
-//! `bdev_virtio_attach_controller` / `bdev_virtio_detach_controller`, `bdev_wait_for_examine`;
+//! `bdev_virtio_attach_controller` / `bdev_virtio_detach_controller`, `bdev_wait_for_examine`,
+//! `bdev_set_qos_limit` (rate limits, shown in `bdev_get_bdevs`' `assigned_rate_limits`);
 //! and the `bdev` subsystem of `save_config`.
 //!
 //! Creation reuses the modules' own parse functions (the ones `-c` config files go through),
@@ -15,7 +16,7 @@
 
 use std::sync::Arc;
 
-use pollux_bdev::config::{CreateContext, ParseFn};
+use pollux_bdev::config::{self, CreateContext, ParseFn};
 use pollux_bdev::modules::{aio, delay, malloc, null, uring};
 use pollux_bdev::{clock, BdevError, BdevInfo, BdevRegistry, IoType};
 use pollux_env::dma::DmaMemory;
@@ -135,13 +136,17 @@ pub fn register_bdev(methods: &mut RpcMethods, bdev: BdevRpc) -> Result<(), Serv
         Allowed::Runtime,
         move |_ctx, params| virtio_detach(&ctx, params),
     )?;
+    let ctx = bdev.clone();
+    methods.register_sync(config::QOS_METHOD, Allowed::Runtime, move |_ctx, params| {
+        set_qos_limit(&ctx.registry, params)
+    })?;
     // SPDK's save_config writes it; there is no asynchronous examine to wait for.
     methods.register_sync("bdev_wait_for_examine", Allowed::Any, |_ctx, params| {
         params.allow_only(&[])?;
         Ok(Value::Bool(true))
     })?;
     let registry = bdev.registry.clone();
-    methods.register_subsystem("bdev", move || {
+    methods.register_subsystem("bdev", &[], move || {
         match registry.save_config().get_mut("config").map(Value::take) {
             Some(Value::Array(entries)) => entries,
             _ => Vec::new(),
@@ -209,6 +214,17 @@ fn delete(bdev: &BdevRpc, params: &Params, module: &str) -> Result<Value, RpcErr
     refuse_claimed(&bdev.registry, method, &info.name)?;
     bdev.registry.unregister(&info.name)?;
     tracing::info!(method, bdev = %info.name, "rpc: bdev deleted");
+    Ok(Value::Bool(true))
+}
+
+/// `bdev_set_qos_limit {"name", "rw_ios_per_sec", "rw_mbytes_per_sec", "r_mbytes_per_sec",
+/// "w_mbytes_per_sec"}`: the limits given replace those in force (0: unlimited).
+fn set_qos_limit(registry: &BdevRegistry, params: &Params) -> Result<Value, RpcError> {
+    let (name, update) = config::parse_qos_limit(&params.as_bdev()?)?;
+    let limits = registry
+        .set_qos_limits(&name, &update)
+        .map_err(|_| no_bdev(params.method(), &name))?;
+    tracing::info!(bdev = %name, ?limits, "rpc: bdev QoS rate limits set");
     Ok(Value::Bool(true))
 }
 
@@ -327,6 +343,9 @@ fn get_bdevs(registry: &BdevRegistry, params: &Params) -> Result<Value, RpcError
     let mut module_params: Map<String, Value> = Map::new();
     if let Some(Value::Array(entries)) = registry.save_config().get_mut("config").map(Value::take) {
         for mut entry in entries {
+            if entry["method"] == config::QOS_METHOD {
+                continue;
+            }
             if let Some(Value::Object(mut p)) = entry.get_mut("params").map(Value::take) {
                 if let Some(Value::String(name)) = p.remove("name") {
                     p.remove("uuid");
@@ -345,6 +364,7 @@ fn get_bdevs(registry: &BdevRegistry, params: &Params) -> Result<Value, RpcError
 fn bdev_json(registry: &BdevRegistry, info: &BdevInfo, module_params: Option<&Value>) -> Value {
     let supports = |t: IoType| info.supported_io_types.contains(&t);
     let owner = claim_owner(registry, &info.name);
+    let limits = registry.qos_limits(&info.name).unwrap_or_default();
     let mut driver_specific = Map::new();
     if let Some(params) = module_params {
         driver_specific.insert(info.module.to_string(), params.clone());
@@ -357,10 +377,10 @@ fn bdev_json(registry: &BdevRegistry, info: &BdevInfo, module_params: Option<&Va
         "num_blocks": info.num_blocks,
         "uuid": info.uuid.to_string(),
         "assigned_rate_limits": {
-            "rw_ios_per_sec": 0,
-            "rw_mbytes_per_sec": 0,
-            "r_mbytes_per_sec": 0,
-            "w_mbytes_per_sec": 0,
+            "rw_ios_per_sec": limits.rw_ios_per_sec,
+            "rw_mbytes_per_sec": limits.rw_mbytes_per_sec,
+            "r_mbytes_per_sec": limits.r_mbytes_per_sec,
+            "w_mbytes_per_sec": limits.w_mbytes_per_sec,
         },
         "claimed": owner.is_some(),
         "zoned": false,

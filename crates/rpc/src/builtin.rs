@@ -1,5 +1,6 @@
 //! The framework's methods: `rpc_get_methods`, `spdk_get_version`, `framework_get_reactors`,
-//! `thread_get_stats`, `save_config`, `framework_start_init` and `spdk_kill_instance`.
+//! `thread_get_stats`, `save_config`, `framework_get_subsystems`, `framework_get_config`,
+//! `framework_start_init` and `spdk_kill_instance`.
 //! Times are nanoseconds, so `tick_rate` is 10^9 (SPDK reports TSC ticks and their rate).
 
 use pollux_reactor::{PollerKind, ThreadCtx};
@@ -44,6 +45,17 @@ pub fn register_framework(
             .map(|()| call.methods().save_config());
         call.reply(result);
     })?;
+    methods.register("framework_get_subsystems", Allowed::Any, |_ctx, call| {
+        let result = call
+            .params()
+            .allow_only(&[])
+            .map(|()| call.methods().subsystems());
+        call.reply(result);
+    })?;
+    methods.register("framework_get_config", Allowed::Any, |_ctx, call| {
+        let result = framework_get_config(call.params(), call.methods());
+        call.reply(result);
+    })?;
     methods.register(
         "framework_start_init",
         Allowed::Startup,
@@ -79,6 +91,26 @@ fn rpc_get_methods(params: &Params, methods: &RpcMethods) -> Result<Value, RpcEr
     // Pollux registers no deprecated aliases, so `include_aliases` changes nothing.
     params.bool("include_aliases")?;
     Ok(json!(methods.names(current)))
+}
+
+/// One subsystem's `config` array, as SPDK's `framework_get_config {"name": ...}` answers
+/// it (an unknown name is an invalid parameter, with the names that exist).
+fn framework_get_config(params: &Params, methods: &RpcMethods) -> Result<Value, RpcError> {
+    params.allow_only(&["name"])?;
+    let name = params.required_str("name")?;
+    match methods.subsystem_config(name) {
+        Some(config) => Ok(Value::Array(config)),
+        None => {
+            let known: Vec<&str> = methods.subsystem_names().collect();
+            Err(params.invalid(
+                "name",
+                &format!(
+                    "subsystem {name:?} not found (this app has: {})",
+                    known.join(", ")
+                ),
+            ))
+        }
+    }
 }
 
 /// `Pollux v0.1.0` and its fields, in `spdk_get_version`'s shape.

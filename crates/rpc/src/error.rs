@@ -131,6 +131,11 @@ pub enum ServerError {
     },
     #[error("RPC method {method:?} is registered twice")]
     MethodTaken { method: String },
+    #[error("save_config subsystem {subsystem:?} depends on {depends_on:?}, which is not registered before it")]
+    UnknownDependency {
+        subsystem: String,
+        depends_on: String,
+    },
     #[error("RPC server configuration: {field} {reason}")]
     InvalidConfig { field: &'static str, reason: String },
 }

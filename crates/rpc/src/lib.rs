@@ -83,7 +83,8 @@
 //!     }
 //! })?;
 //! // What save_config writes for the subsystem (after "bdev").
-//! methods.register_subsystem("vhost_blk", || vec![
+//! methods.register_subsystem("bdev", &[], Vec::new)?;
+//! methods.register_subsystem("vhost_blk", &["bdev"], || vec![
 //!     json!({ "method": "vhost_create_blk_controller",
 //!             "params": { "ctrlr": "vhost.0", "dev_name": "Malloc0" } }),
 //! ])?;
@@ -123,6 +124,7 @@ pub mod client;
 mod config;
 pub mod error;
 mod framing;
+mod log;
 mod methods;
 mod server;
 mod sys;
@@ -133,6 +135,7 @@ pub use builtin::{register_framework, version, StartInit, TICK_RATE};
 pub use client::{ClientError, RpcClient};
 pub use config::{load_config, LoadDone};
 pub use error::{RpcError, ServerError};
+pub use log::{register_log, GetFilter, LogHooks, SetFilter};
 pub use methods::{
     Allowed, Call, ConfigWriter, Handler, Params, Reply, RpcMethods, RpcState, StateHandle,
 };

@@ -92,11 +92,20 @@ pub(crate) struct Method {
     pub(crate) handler: Arc<Handler>,
 }
 
+/// One `save_config` subsystem: its name, the subsystems it is built on (SPDK's
+/// `depends_on`, each registered before it) and the writer of its entries.
+struct Subsystem {
+    name: String,
+    depends_on: Vec<String>,
+    writer: Arc<ConfigWriter>,
+}
+
 /// The methods a server answers, extended by each crate that owns some
 /// (see the crate documentation for an example). Frozen into an `Arc` when the server starts.
 pub struct RpcMethods {
     methods: BTreeMap<String, Method>,
-    subsystems: Vec<(String, Arc<ConfigWriter>)>,
+    /// In registration order, which is init order: a subsystem follows what it depends on.
+    subsystems: Vec<Subsystem>,
     state: StateHandle,
 }
 
@@ -161,19 +170,38 @@ impl RpcMethods {
         })
     }
 
-    /// Adds a subsystem to `save_config` (written in registration order: register `bdev`
-    /// before the subsystems that use bdevs, as SPDK orders them).
-    pub fn register_subsystem<F>(&mut self, subsystem: &str, writer: F) -> Result<(), ServerError>
+    /// Adds a subsystem to `save_config`, `framework_get_subsystems` and
+    /// `framework_get_config`. Subsystems are written in registration order, SPDK's init
+    /// order: each subsystem in `depends_on` must be registered already (`bdev` before the
+    /// subsystems that use bdevs).
+    pub fn register_subsystem<F>(
+        &mut self,
+        subsystem: &str,
+        depends_on: &[&str],
+        writer: F,
+    ) -> Result<(), ServerError>
     where
         F: Fn() -> Vec<Value> + Send + Sync + 'static,
     {
-        if self.subsystems.iter().any(|(name, _)| name == subsystem) {
+        if self.subsystems.iter().any(|s| s.name == subsystem) {
             return Err(ServerError::MethodTaken {
                 method: format!("save_config subsystem {subsystem}"),
             });
         }
-        self.subsystems
-            .push((subsystem.to_string(), Arc::new(writer)));
+        if let Some(missing) = depends_on
+            .iter()
+            .find(|d| !self.subsystems.iter().any(|s| s.name == **d))
+        {
+            return Err(ServerError::UnknownDependency {
+                subsystem: subsystem.to_string(),
+                depends_on: missing.to_string(),
+            });
+        }
+        self.subsystems.push(Subsystem {
+            name: subsystem.to_string(),
+            depends_on: depends_on.iter().map(|d| d.to_string()).collect(),
+            writer: Arc::new(writer),
+        });
         Ok(())
     }
 
@@ -196,14 +224,40 @@ impl RpcMethods {
         &self.state
     }
 
-    /// `{"subsystems": [{"subsystem": name, "config": [...]}, ...]}`, SPDK's format.
+    /// `{"subsystems": [{"subsystem": name, "config": [...]}, ...]}`, SPDK's format: what
+    /// SPDK's newer rpc.py assembles from `framework_get_subsystems` and one
+    /// `framework_get_config` per subsystem, in one answer (older rpc.py calls `save_config`).
     pub fn save_config(&self) -> Value {
         let subsystems: Vec<Value> = self
             .subsystems
             .iter()
-            .map(|(name, writer)| serde_json::json!({ "subsystem": name, "config": writer() }))
+            .map(|s| serde_json::json!({ "subsystem": s.name, "config": (s.writer)() }))
             .collect();
         serde_json::json!({ "subsystems": subsystems })
+    }
+
+    /// `framework_get_subsystems`' answer: `[{"subsystem": name, "depends_on": [...]}, ...]`
+    /// in init order.
+    pub fn subsystems(&self) -> Value {
+        let list: Vec<Value> = self
+            .subsystems
+            .iter()
+            .map(|s| serde_json::json!({ "subsystem": s.name, "depends_on": s.depends_on }))
+            .collect();
+        Value::Array(list)
+    }
+
+    /// The subsystems' names, in init order.
+    pub fn subsystem_names(&self) -> impl Iterator<Item = &str> {
+        self.subsystems.iter().map(|s| s.name.as_str())
+    }
+
+    /// One subsystem's `config` array (`framework_get_config`); `None`: no such subsystem.
+    pub fn subsystem_config(&self, name: &str) -> Option<Vec<Value>> {
+        self.subsystems
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| (s.writer)())
     }
 
     /// A method's handler, whatever the state.

@@ -73,7 +73,7 @@ pub fn register_vhost(
             Err(error) => reply.err(error),
         }
     })?;
-    methods.register_subsystem("vhost_blk", move || {
+    methods.register_subsystem("vhost_blk", &["bdev"], move || {
         match target.save_config().get_mut("config").map(Value::take) {
             Some(Value::Array(entries)) => entries,
             _ => Vec::new(),

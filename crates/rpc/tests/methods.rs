@@ -31,6 +31,8 @@ fn rpc_get_methods_lists_methods_and_checks_current() {
         "framework_get_reactors",
         "thread_get_stats",
         "save_config",
+        "framework_get_subsystems",
+        "framework_get_config",
         "framework_start_init",
         "spdk_kill_instance",
         "bdev_get_bdevs",
@@ -45,6 +47,9 @@ fn rpc_get_methods_lists_methods_and_checks_current() {
         "bdev_uring_delete",
         "bdev_nvme_attach_controller",
         "bdev_nvme_detach_controller",
+        "bdev_set_qos_limit",
+        "log_set_level",
+        "log_get_level",
     ] {
         assert!(names.contains(&method), "{method} in {names:?}");
     }
@@ -717,7 +722,7 @@ fn fake_vhost(ctrlrs: Arc<std::sync::Mutex<Vec<String>>>) -> Options {
                 .expect("register");
             let listed = ctrlrs.clone();
             methods
-                .register_subsystem("test_vhost", move || {
+                .register_subsystem("test_vhost", &["bdev"], move || {
                     listed
                         .lock()
                         .expect("list")
@@ -773,6 +778,175 @@ fn save_config_replayed_with_load_config_recreates_bdevs_and_controllers() {
     }
     assert_eq!(*second_ctrlrs.lock().expect("list"), ["vhost.0"]);
     assert_eq!(second.ok("save_config", None), config);
+}
+
+/// `rpc.py bdev_set_qos_limit Null0 --rw_ios_per_sec 10000 --w_mbytes_per_sec 5`: shown in
+/// bdev_get_bdevs, written by save_config; bad limits and unknown bdevs refused.
+#[test]
+fn qos_limits_are_set_shown_and_saved() {
+    let target = Target::start();
+    target.ok(
+        "bdev_null_create",
+        Some(json!({"name": "Null0", "num_blocks": 100, "block_size": 4096})),
+    );
+    assert_eq!(
+        target.ok(
+            "bdev_set_qos_limit",
+            Some(json!({"name": "Null0", "rw_ios_per_sec": 10000, "w_mbytes_per_sec": 5})),
+        ),
+        true
+    );
+    let bdev = target.ok("bdev_get_bdevs", Some(json!({"name": "Null0"})));
+    assert_eq!(
+        bdev[0]["assigned_rate_limits"],
+        json!({"rw_ios_per_sec": 10000, "rw_mbytes_per_sec": 0,
+               "r_mbytes_per_sec": 0, "w_mbytes_per_sec": 5})
+    );
+    assert_eq!(
+        bdev[0]["driver_specific"],
+        json!({"null": {"num_blocks": 100, "block_size": 4096}}),
+        "the QoS entry is not the module's"
+    );
+    let saved = target.ok("save_config", None);
+    let entries = saved["subsystems"][0]["config"]
+        .as_array()
+        .expect("entries");
+    assert!(
+        entries.iter().any(|e| e["method"] == "bdev_set_qos_limit"
+            && e["params"]
+                == json!({"name": "Null0", "rw_ios_per_sec": 10000, "w_mbytes_per_sec": 5})),
+        "{saved}"
+    );
+    target.fails(
+        "bdev_set_qos_limit",
+        Some(json!({"name": "Null0", "rw_ios_per_sec": 2500})),
+        code::INVALID_PARAMS,
+        "multiple of 1000",
+    );
+    target.fails(
+        "bdev_set_qos_limit",
+        Some(json!({"name": "Null0"})),
+        code::INVALID_PARAMS,
+        "no rate limit given",
+    );
+    target.fails(
+        "bdev_set_qos_limit",
+        Some(json!({"name": "Nope", "rw_ios_per_sec": 1000})),
+        code::ENODEV,
+        "\"Nope\"",
+    );
+    // 0 removes a limit.
+    target.ok(
+        "bdev_set_qos_limit",
+        Some(json!({"name": "Null0", "rw_ios_per_sec": 0, "w_mbytes_per_sec": 0})),
+    );
+    let bdev = target.ok("bdev_get_bdevs", Some(json!({"name": "Null0"})));
+    assert_eq!(bdev[0]["assigned_rate_limits"]["rw_ios_per_sec"], 0);
+}
+
+/// `rpc.py log_set_level DEBUG` / `log_get_level`: SPDK's names in any case, mapped onto the
+/// app's filter; a RUST_LOG filter accepted too; nonsense refused with the names.
+#[test]
+fn log_levels_map_onto_the_filter() {
+    let target = Target::start();
+    assert_eq!(target.ok("log_get_level", None), "INFO");
+    assert_eq!(
+        target.ok("log_set_level", Some(json!({"level": "DEBUG"}))),
+        true
+    );
+    assert_eq!(*target.log_filter.lock().expect("filter"), "debug");
+    assert_eq!(target.ok("log_get_level", None), "DEBUG");
+    target.ok("log_set_level", Some(json!({"level": "notice"})));
+    assert_eq!(*target.log_filter.lock().expect("filter"), "info");
+    assert_eq!(target.ok("log_get_level", None), "NOTICE");
+    target.ok("log_set_print_level", Some(json!({"level": "WARNING"})));
+    assert_eq!(target.ok("log_get_print_level", None), "WARNING");
+    assert_eq!(*target.log_filter.lock().expect("filter"), "warn");
+    target.ok(
+        "log_set_level",
+        Some(json!({"level": "pollux_vhost=debug,warn"})),
+    );
+    assert_eq!(target.ok("log_get_level", None), "pollux_vhost=debug,warn");
+    target.fails(
+        "log_set_level",
+        Some(json!({"level": "LOUD!"})),
+        code::INVALID_PARAMS,
+        "ERROR, WARNING, NOTICE, INFO, DEBUG",
+    );
+    assert_eq!(
+        *target.log_filter.lock().expect("filter"),
+        "pollux_vhost=debug,warn",
+        "a refused level changes nothing"
+    );
+    target.fails("log_set_level", None, code::INVALID_PARAMS, "\"level\"");
+    target.fails(
+        "log_get_level",
+        Some(json!({"level": "x"})),
+        code::INVALID_PARAMS,
+        "\"level\"",
+    );
+}
+
+/// SPDK's newer rpc.py builds save_config from framework_get_subsystems and one
+/// framework_get_config per subsystem: the assembled document equals save_config's.
+#[test]
+fn framework_get_subsystems_and_get_config_assemble_save_config() {
+    let ctrlrs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let target = Target::with(fake_vhost(ctrlrs));
+    target.ok(
+        "bdev_malloc_create",
+        Some(json!({"num_blocks": 64, "block_size": 512, "name": "Malloc0"})),
+    );
+    target.ok("test_ctrlr_create", Some(json!({"ctrlr": "vhost.0"})));
+    let subsystems = target.ok("framework_get_subsystems", None);
+    assert_eq!(
+        subsystems,
+        json!([
+            {"subsystem": "bdev", "depends_on": []},
+            {"subsystem": "test_vhost", "depends_on": ["bdev"]},
+        ])
+    );
+    let assembled: Vec<Value> = subsystems
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|s| {
+            let name = s["subsystem"].clone();
+            let config = target.ok("framework_get_config", Some(json!({"name": name})));
+            json!({"subsystem": name, "config": config})
+        })
+        .collect();
+    let bdev = target.ok("framework_get_config", Some(json!({"name": "bdev"})));
+    assert!(
+        bdev.as_array()
+            .expect("entries")
+            .iter()
+            .any(|e| e["method"] == "bdev_malloc_create" && e["params"]["name"] == "Malloc0"),
+        "{bdev}"
+    );
+    assert_eq!(
+        json!({"subsystems": assembled}),
+        target.ok("save_config", None)
+    );
+
+    target.fails(
+        "framework_get_config",
+        Some(json!({"name": "nvmf"})),
+        code::INVALID_PARAMS,
+        "\"nvmf\" not found",
+    );
+    target.fails(
+        "framework_get_config",
+        None,
+        code::INVALID_PARAMS,
+        "\"name\"",
+    );
+    target.fails(
+        "framework_get_subsystems",
+        Some(json!({"name": "bdev"})),
+        code::INVALID_PARAMS,
+        "\"name\"",
+    );
 }
 
 #[test]

@@ -17,8 +17,8 @@ use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
 use pollux_reactor::{App, AppConfig, AppHandle, PollStatus};
 use pollux_rpc::{
-    register_bdev, register_framework, register_vhost, BdevRpc, ClientError, RpcClient, RpcError,
-    RpcMethods, RpcServer, RpcServerConfig, RpcState,
+    register_bdev, register_framework, register_log, register_vhost, BdevRpc, ClientError,
+    LogHooks, RpcClient, RpcError, RpcMethods, RpcServer, RpcServerConfig, RpcState,
 };
 use pollux_vhost::VhostTarget;
 use serde_json::Value;
@@ -50,6 +50,9 @@ pub struct Target {
     pub ticks: Arc<AtomicU64>,
     /// The vhost target, when [`Options::vhost_dir`] asked for one.
     pub vhost: Option<Arc<VhostTarget>>,
+    /// The log filter the log methods set (a stand-in for the app's subscriber, which
+    /// accepts lowercase `RUST_LOG` directives only).
+    pub log_filter: Arc<Mutex<String>>,
     join: Option<JoinHandle<()>>,
     server: Arc<Mutex<Option<RpcServer>>>,
 }
@@ -114,6 +117,25 @@ impl Target {
             register_vhost(&mut methods, target.clone()).expect("vhost methods");
             target
         });
+        let log_filter = Arc::new(Mutex::new("info".to_string()));
+        let (set_filter, get_filter) = (log_filter.clone(), log_filter.clone());
+        register_log(
+            &mut methods,
+            LogHooks {
+                set: Box::new(move |directives: &str| {
+                    let valid = directives
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || "_=,:".contains(c));
+                    if !valid {
+                        return Err(format!("invalid directives {directives:?}"));
+                    }
+                    *set_filter.lock().expect("filter") = directives.to_string();
+                    Ok(())
+                }),
+                get: Box::new(move || get_filter.lock().expect("filter").clone()),
+            },
+        )
+        .expect("log methods");
         if let Some(extra) = options.extra {
             extra(&mut methods);
         }
@@ -153,6 +175,7 @@ impl Target {
             dma,
             ticks,
             vhost,
+            log_filter,
             join: Some(join),
             server,
         }
