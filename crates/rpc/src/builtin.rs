@@ -94,9 +94,12 @@ fn rpc_get_methods(params: &Params, methods: &RpcMethods) -> Result<Value, RpcEr
 }
 
 /// One subsystem's `config` array, as SPDK's `framework_get_config {"name": ...}` answers
-/// it (an unknown name is an invalid parameter, with the names that exist).
+/// it (an unknown name is an invalid parameter, with the names that exist). SPDK's current
+/// rpc.py sends `with_batches` (keep `batch` entries whole): Pollux writes no batches, so it
+/// changes nothing.
 fn framework_get_config(params: &Params, methods: &RpcMethods) -> Result<Value, RpcError> {
-    params.allow_only(&["name"])?;
+    params.allow_only(&["name", "with_batches"])?;
+    params.bool("with_batches")?;
     let name = params.required_str("name")?;
     match methods.subsystem_config(name) {
         Some(config) => Ok(Value::Array(config)),

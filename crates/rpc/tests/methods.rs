@@ -912,7 +912,11 @@ fn framework_get_subsystems_and_get_config_assemble_save_config() {
         .iter()
         .map(|s| {
             let name = s["subsystem"].clone();
-            let config = target.ok("framework_get_config", Some(json!({"name": name})));
+            // As SPDK's current rpc.py sends it.
+            let config = target.ok(
+                "framework_get_config",
+                Some(json!({"name": name, "with_batches": false})),
+            );
             json!({"subsystem": name, "config": config})
         })
         .collect();
