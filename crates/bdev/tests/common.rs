@@ -3,9 +3,31 @@
 
 use std::sync::Arc;
 
-use pollux_bdev::{BdevChannel, IoCompletion, IoVec};
+use pollux_bdev::modules::null;
+use pollux_bdev::{BdevChannel, BdevRegistry, IoCompletion, IoVec};
 use pollux_env::dma::{DmaConfig, DmaMemory};
 use pollux_env::memmap::MemMap;
+
+/// Registers a null bdev (no data moves) of the given geometry and buffer alignment.
+pub fn null_bdev(
+    registry: &BdevRegistry,
+    name: &str,
+    num_blocks: u64,
+    block_size_bytes: u32,
+    required_alignment_bytes: u32,
+) {
+    null::create(
+        registry,
+        null::NullOptions {
+            name: name.to_string(),
+            uuid: None,
+            num_blocks,
+            block_size_bytes,
+            required_alignment_bytes,
+        },
+    )
+    .expect("null bdev");
+}
 
 /// Small DMA memory of its own (locked anonymous memory; no hugepages needed).
 pub fn dma(size_mib: usize) -> Arc<DmaMemory> {

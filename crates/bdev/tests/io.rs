@@ -4,21 +4,11 @@
 mod common;
 
 use common::{dma, reap, TestBuf};
-use pollux_bdev::modules::{malloc, null};
+use pollux_bdev::modules::malloc;
 use pollux_bdev::{BdevError, BdevRegistry, IoStatus, IoType};
 
 fn null_bdev(registry: &BdevRegistry, name: &str, align: u32) {
-    null::create(
-        registry,
-        null::NullOptions {
-            name: name.to_string(),
-            uuid: None,
-            num_blocks: 1024,
-            block_size_bytes: 512,
-            required_alignment_bytes: align,
-        },
-    )
-    .expect("null bdev");
+    common::null_bdev(registry, name, 1024, 512, align);
 }
 
 #[test]

@@ -9,22 +9,11 @@ use std::path::Path;
 
 use common::{dma, TestBuf};
 use pollux_bdev::config::{self, MethodTable};
-use pollux_bdev::modules::null;
 use pollux_bdev::qos::{QosLimits, QosUpdate};
 use pollux_bdev::{BdevError, BdevRegistry, IoStatus};
 
 fn null_bdev(registry: &BdevRegistry, name: &str) {
-    null::create(
-        registry,
-        null::NullOptions {
-            name: name.to_string(),
-            uuid: None,
-            num_blocks: 1024,
-            block_size_bytes: 512,
-            required_alignment_bytes: 1,
-        },
-    )
-    .expect("null bdev");
+    common::null_bdev(registry, name, 1024, 512, 1);
 }
 
 fn ios(limit: u64) -> QosUpdate {

@@ -5,22 +5,11 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::{reap, TestBuf};
-use pollux_bdev::modules::null;
 use pollux_bdev::{BdevError, BdevEvent, BdevRegistry, BdevSpec, EventTarget, IoStatus, Uuid};
 use pollux_reactor::Harness;
 
 fn null_bdev(registry: &BdevRegistry, name: &str) {
-    null::create(
-        registry,
-        null::NullOptions {
-            name: name.to_string(),
-            uuid: None,
-            num_blocks: 128,
-            block_size_bytes: 4096,
-            required_alignment_bytes: 1,
-        },
-    )
-    .expect("null bdev");
+    common::null_bdev(registry, name, 128, 4096, 1);
 }
 
 #[test]
