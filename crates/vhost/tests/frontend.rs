@@ -921,6 +921,28 @@ fn bad_log_regions_are_refused() {
             "log region {why}: nothing written"
         );
     }
+    // Fds that cannot be mapped shared and writable: a socket, a read-only file.
+    let (socket_fd, _peer) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+    let read_only_path = target.dir.join("log-read-only");
+    std::fs::write(&read_only_path, [0u8; 4096]).expect("read-only log");
+    let read_only = File::open(&read_only_path).expect("open read-only");
+    for (fd, why) in [
+        (socket_fd.as_raw_fd(), "a socket"),
+        (read_only.as_raw_fd(), "a read-only file"),
+    ] {
+        let mut fe = Fe::connect(&socket, guest_file(&target.dir));
+        fe.extra_protocol = LOG_SHMFD;
+        fe.setup(false);
+        fe.send(6, 0, &log_base(64, 0), &[fd]);
+        assert!(fe.closed(), "log fd {why}: connection closed");
+    }
+    assert!(
+        std::fs::read(&read_only_path)
+            .expect("read back")
+            .iter()
+            .all(|b| *b == 0),
+        "nothing written through the read-only fd"
+    );
     // Not negotiated: refused, connection kept, I/O goes on.
     let mut fe = Fe::connect(&socket, guest_file(&target.dir));
     fe.setup(false);
