@@ -98,7 +98,8 @@ done
 rpc() { "$bin/pollux-rpc" -s "$socket" "$@"; }
 rpc bdev_malloc_create -b Malloc0 64 4096 >/dev/null
 rpc bdev_set_qos_limit Malloc0 --rw_ios_per_sec 10000
-rpc bdev_get_bdevs -b Malloc0 | grep -q '"rw_ios_per_sec": 10000' ||
+rpc bdev_get_bdevs -b Malloc0 >"$work/bdevs.json"
+grep -q '"rw_ios_per_sec": 10000' "$work/bdevs.json" ||
     fail "bdev_get_bdevs does not show the limit in assigned_rate_limits"
 rpc_iops=$(rpc perform_tests | grep -m1 '"iops"' | tr -dc '0-9.')
 rpc spdk_kill_instance SIGTERM

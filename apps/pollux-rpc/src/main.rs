@@ -13,6 +13,7 @@
 //! indented JSON. On an error response it prints the request and the server's error to
 //! stderr and exits 1.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -596,7 +597,15 @@ fn main() -> ExitCode {
     match result {
         Ok(value) => {
             if let Some(text) = render(&cli.command, &value) {
-                println!("{text}");
+                // One write, and a reader that closed its end early (`| grep -q`, `| head`)
+                // is not an error of ours: the call itself succeeded.
+                let mut stdout = std::io::stdout().lock();
+                if let Err(error) = writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+                    if error.kind() != std::io::ErrorKind::BrokenPipe {
+                        eprintln!("pollux-rpc: writing the answer: {error}");
+                        return ExitCode::FAILURE;
+                    }
+                }
             }
             ExitCode::SUCCESS
         }
