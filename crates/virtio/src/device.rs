@@ -162,7 +162,15 @@ impl BlkDevice {
         } else {
             1
         };
-        device_queues = device_queues.min(backend.max_queues()?);
+        let backend_queues = backend.max_queues()?;
+        if backend_queues == 0 {
+            // A device with no queue carries no I/O: refuse it rather than start one that
+            // every submission would find without a ring (found by the virtio_user fuzz target).
+            return Err(device_error(
+                "the back-end offers no virtqueue (GET_QUEUE_NUM answered 0)".to_string(),
+            ));
+        }
+        device_queues = device_queues.min(backend_queues);
         let queue_count = if options.vq_count > device_queues {
             tracing::warn!(
                 device = name,
