@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Installs the Debian packages Pollux needs to build (hwloc for topology, through hwlocality)
-# and, with --test, to run its checks (shellcheck; qemu-system-common for qemu-storage-daemon,
+# Installs the Debian packages Pollux needs to build (hwloc for topology, through hwlocality;
+# g++ for libFuzzer, which the fuzz/ member's libfuzzer-sys compiles) and, with --test, to run its checks (shellcheck; qemu-system-common for qemu-storage-daemon,
 # the vhost-user-blk back-end of crates/virtio's tests). Installs only what is missing.
 # The QEMU packages and the guest kernel are scripts/vm-test.sh's business.
 set -euo pipefail
 
-packages=(libhwloc-dev libudev-dev pkg-config)
+packages=(libhwloc-dev libudev-dev pkg-config g++)
 [[ ${1:-} == --test ]] && packages+=(shellcheck qemu-system-common)
 
 missing=()

@@ -42,6 +42,9 @@ fi
 step "bdev QoS rate limits held by bdevperf (scripts/qos-check.sh)"
 scripts/qos-check.sh
 
+step "fuzz targets: the checked-in inputs replayed, then 30 s of fuzzing each (scripts/fuzz.sh)"
+scripts/fuzz.sh --seconds 30
+
 step "benches build"
 cargo bench --workspace --no-run
 

@@ -149,6 +149,12 @@ impl MethodTable {
         Ok(())
     }
 
+    /// Forgets a method (a loader that must not reach some module, such as a fuzz target
+    /// that may not open host files); `false` when it was not known.
+    pub fn remove(&mut self, method: &str) -> bool {
+        self.methods.remove(method).is_some()
+    }
+
     /// The known method names, sorted.
     pub fn methods(&self) -> Vec<&str> {
         self.methods.keys().map(String::as_str).collect()

@@ -272,6 +272,32 @@ impl ModelController {
         state.post(qid, completion);
     }
 
+    /// Writes 16 arbitrary bytes into CQ `qid`'s next slot (a hostile or broken device: any
+    /// command id, SQ id, SQ head, status), with the phase bit the current one, or the stale
+    /// one when `stale_phase` (an entry the driver must not consume yet).
+    pub fn post_raw_entry(&self, qid: u16, mut entry: [u8; CQE_BYTES], stale_phase: bool) {
+        let mut state = self.lock();
+        let Some(Some(cq)) = state.cqs.get(usize::from(qid)).copied() else {
+            return;
+        };
+        let phase = cq.phase != stale_phase;
+        entry[14] = (entry[14] & !1) | u8::from(phase);
+        let address = cq.base + u64::from(cq.tail) * CQE_BYTES as u64;
+        if state.mem_write(address, &entry).is_err() {
+            return;
+        }
+        if stale_phase {
+            return;
+        }
+        if let Some(Some(cq)) = state.cqs.get_mut(usize::from(qid)) {
+            cq.tail += 1;
+            if cq.tail == cq.entries {
+                cq.tail = 0;
+                cq.phase = !cq.phase;
+            }
+        }
+    }
+
     /// Queues an asynchronous event (completed on an outstanding AER at once, or later).
     pub fn trigger_async_event(&self, event: AsyncEvent) {
         let mut state = self.lock();

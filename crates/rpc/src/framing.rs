@@ -12,7 +12,7 @@ use crate::error::RpcError;
 
 /// What the framer found.
 #[derive(Debug)]
-pub(crate) enum Frame {
+pub enum Frame {
     /// A complete top-level value.
     Value(Value),
     /// The stream cannot be resynchronised: answer with this error and close.
@@ -20,7 +20,7 @@ pub(crate) enum Frame {
 }
 
 #[derive(Debug, Default)]
-pub(crate) struct Framer {
+pub struct Framer {
     buf: Vec<u8>,
     /// Bytes before this were handed out; dropped at the next push (one move per read,
     /// not one per request when a read carries many).
@@ -35,7 +35,7 @@ pub(crate) struct Framer {
 }
 
 impl Framer {
-    pub(crate) fn push(&mut self, bytes: &[u8]) {
+    pub fn push(&mut self, bytes: &[u8]) {
         if self.head > 0 {
             self.buf.drain(..self.head);
             self.scan -= self.head;
@@ -48,12 +48,12 @@ impl Framer {
     }
 
     /// Whether only whitespace is buffered.
-    pub(crate) fn is_blank(&self) -> bool {
+    pub fn is_blank(&self) -> bool {
         self.buf[self.head..].iter().all(u8::is_ascii_whitespace)
     }
 
     /// The next complete value, if one is buffered; `max_bytes` bounds one value.
-    pub(crate) fn next(&mut self, max_bytes: usize) -> Option<Frame> {
+    pub fn next(&mut self, max_bytes: usize) -> Option<Frame> {
         while self.scan < self.buf.len() {
             let at = self.scan;
             let byte = self.buf[at];
@@ -123,7 +123,7 @@ impl Framer {
     }
 
     /// At end of stream: an error for an incomplete value left in the buffer.
-    pub(crate) fn at_eof(&self) -> Option<RpcError> {
+    pub fn at_eof(&self) -> Option<RpcError> {
         (!self.is_blank()).then(|| {
             RpcError::parse_error(format!(
                 "the connection was closed inside a request ({} bytes of incomplete JSON)",

@@ -123,7 +123,7 @@ mod builtin;
 pub mod client;
 mod config;
 pub mod error;
-mod framing;
+pub mod framing;
 mod log;
 mod methods;
 mod server;
