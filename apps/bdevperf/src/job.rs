@@ -240,23 +240,24 @@ impl Job {
             1
         };
         let align = (info.required_alignment_bytes as usize).max(4096);
-        let mut buffers = shared
+        let buffers = shared
             .dma
             .alloc(qd * io_size * buffer_sets, align, None)
             .map_err(|e| setup_error(&spec, "data buffers", e))?;
-        let base = buffers.as_mut_ptr();
-        let iov = |index: usize| {
-            // SAFETY: `index * io_size + io_size` is within the `qd * io_size * buffer_sets`
-            // bytes of `buffers`; each index is one slot's region, used by one I/O at a time.
-            // The job owns `buffers` and drops its channel first, after every I/O completed
-            // (or, on a forced exit, with nothing left to touch them: null and malloc
-            // complete synchronously, aio / uring and nvme channels cancel or wait for their
-            // I/O when dropped; nvme deletes its queue pair, so the device DMAs no more).
-            unsafe { IoVec::new(base.add(index * io_size), io_size) }
+        // One slot's region per index, used by one I/O at a time. The job owns `buffers` and
+        // drops its channel first, after every I/O completed (or, on a forced exit, with
+        // nothing left to touch them: null and malloc complete synchronously, aio / uring and
+        // nvme channels cancel or wait for their I/O when dropped; nvme deletes its queue pair,
+        // so the device DMAs no more).
+        let iovs = |first: usize| -> Result<Vec<IoVec>, String> {
+            (first..first + qd)
+                .map(|index| IoVec::from_dma_buffer(&buffers, index * io_size, io_size))
+                .collect::<Result<_, _>>()
+                .map_err(|e| setup_error(&spec, "data buffer slots", e))
         };
-        let write_iovs: Vec<IoVec> = (0..qd).map(iov).collect();
-        let read_iovs: Vec<IoVec> = if buffer_sets == 2 {
-            (0..qd).map(|i| iov(qd + i)).collect()
+        let write_iovs = iovs(0)?;
+        let read_iovs = if buffer_sets == 2 {
+            iovs(qd)?
         } else {
             write_iovs.clone()
         };

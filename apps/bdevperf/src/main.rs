@@ -18,7 +18,7 @@ mod job;
 mod report;
 mod rpc_mode;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::Read;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -369,12 +369,15 @@ fn register_job_interrupt(ctx: &mut ThreadCtx, job: &Job) -> Result<Option<Inter
         return Ok(None);
     };
     let name = format!("job{}", job.index());
-    let fd = fd
-        .try_clone_to_owned()
-        .map_err(|e| format!("{name}: duplicating its completion fd: {e}"))?;
+    let duplicate = |fd: std::os::fd::BorrowedFd<'_>| {
+        fd.try_clone_to_owned()
+            .map_err(|e| format!("{name}: duplicating its completion fd: {e}"))
+    };
+    // The reactor watches one copy; the other, as a file, is what the handler reads.
+    let eventfd = std::fs::File::from(duplicate(fd)?);
     let id = ctx
-        .register_interrupt_fd(&name, fd, |_ctx, fd| {
-            drain_eventfd(fd);
+        .register_interrupt_fd(&name, duplicate(fd)?, move |_ctx, _fd| {
+            drain_eventfd(&eventfd);
             // Idle: the job's poller, run next in this thread poll, says whether it reaped.
             PollStatus::Idle
         })
@@ -383,12 +386,9 @@ fn register_job_interrupt(ctx: &mut ThreadCtx, job: &Job) -> Result<Option<Inter
 }
 
 /// Resets an eventfd's counter (non-blocking: EAGAIN when it was already zero).
-fn drain_eventfd(fd: &OwnedFd) {
+fn drain_eventfd(mut eventfd: &std::fs::File) {
     let mut count = [0u8; 8];
-    // SAFETY: reads at most 8 bytes into a live local array from an fd this closure owns.
-    let read = unsafe { libc::read(fd.as_raw_fd(), count.as_mut_ptr().cast(), count.len()) };
-    if read < 0 {
-        let error = std::io::Error::last_os_error();
+    if let Err(error) = eventfd.read(&mut count) {
         if error.kind() != std::io::ErrorKind::WouldBlock {
             tracing::warn!(%error, "bdevperf: draining a completion eventfd");
         }

@@ -253,7 +253,7 @@ fn render<R: pollux_nvme::Registers>(ctrlr: &mut Controller<R>) -> Result<String
             line(&mut out, "Host Read Commands", log.host_read_commands);
             line(&mut out, "Host Write Commands", log.host_write_commands);
             line(&mut out, "Power Cycles", log.power_cycles);
-            line(&mut out, "Unsafe Shutdowns", log.unsafe_shutdowns);
+            line(&mut out, "Unsafe Shutdowns", log.unclean_shutdowns);
             line(&mut out, "Media Errors", log.media_errors);
         }
         Err(error) => line(&mut out, "SMART / Health log", format!("failed: {error}")),

@@ -172,11 +172,21 @@ impl<'m> Stream<'m> {
                         what: "test data",
                         source,
                     })?;
-                let iov = IoVec::from_dma_buffer(buffer, offset, len)?;
+                let iov = IoVec::from_dma_buffer(buffer, offset, len).map_err(|source| {
+                    NvmeError::Dma {
+                        what: "test data",
+                        source,
+                    }
+                })?;
                 qpair.submit_write(&self.ns, tag, lba, blocks, &[iov])
             }
             (Op::Read, Some(buffer)) => {
-                let iov = IoVec::from_dma_buffer(buffer, offset, len)?;
+                let iov = IoVec::from_dma_buffer(buffer, offset, len).map_err(|source| {
+                    NvmeError::Dma {
+                        what: "test data",
+                        source,
+                    }
+                })?;
                 qpair.submit_read(&self.ns, tag, lba, blocks, &[iov])
             }
             (Op::WriteZeroes, _) => qpair.submit_write_zeroes(&self.ns, tag, lba, blocks),

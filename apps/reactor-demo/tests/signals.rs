@@ -36,11 +36,15 @@ fn spawn(args: &[&str]) -> (Child, Lines<BufReader<ChildStdout>>) {
     (child, lines)
 }
 
+/// Sends `signal` to our own (not yet reaped) child with kill(1), as an operator would.
 fn signal(child: &Child, signal: libc::c_int) {
-    let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
-    // SAFETY: kill has no memory effects; the pid is our own child, not yet reaped.
-    let result = unsafe { libc::kill(pid, signal) };
-    assert_eq!(result, 0, "kill({pid}, {signal})");
+    let pid = child.id();
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill(1)");
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
 }
 
 fn wait_bounded(child: &mut Child, bound: Duration) -> std::process::ExitStatus {

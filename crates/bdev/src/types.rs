@@ -117,49 +117,8 @@ impl fmt::Display for IoStatus {
     }
 }
 
-/// One scatter-gather entry: an address and a length, like `struct iovec`.
-///
-/// Building one is `unsafe` because the bdev's module reads or writes that memory later, on
-/// its own schedule (a device may DMA into it), with no borrow tying it to the caller.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IoVec {
-    addr: u64,
-    len_bytes: usize,
-}
-
-impl IoVec {
-    /// An iovec over `[addr, addr + len_bytes)`.
-    ///
-    /// # Safety
-    /// Until every I/O submitted with this iovec has completed (its completion was handed
-    /// back by [`BdevChannel::poll`](crate::BdevChannel::poll)), the range stays mapped and
-    /// valid for reads and writes, is not freed, and is not read or written by anyone else
-    /// (a write I/O only reads it, but the caller must still not write it meanwhile). It is
-    /// not memory that a bdev module owns (a malloc bdev's disk, say).
-    pub unsafe fn new(addr: *mut u8, len_bytes: usize) -> Self {
-        Self {
-            addr: addr as u64,
-            len_bytes,
-        }
-    }
-
-    /// Address of the first byte.
-    #[inline]
-    pub fn addr(&self) -> u64 {
-        self.addr
-    }
-
-    #[inline]
-    pub fn len_bytes(&self) -> usize {
-        self.len_bytes
-    }
-
-    /// Raw pointer to the first byte, for modules that move data.
-    #[inline]
-    pub fn as_mut_ptr(&self) -> *mut u8 {
-        self.addr as *mut u8
-    }
-}
+/// One scatter-gather entry: env's, shared with the NVMe driver (see [`pollux_env::iovec`]).
+pub use pollux_env::iovec::IoVec;
 
 /// A 128-bit UUID in the usual `8-4-4-4-12` text form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

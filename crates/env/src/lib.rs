@@ -10,6 +10,7 @@
 
 pub mod cpumask;
 pub mod dma;
+pub mod iovec;
 pub mod memmap;
 pub mod pci;
 pub mod pool;

@@ -814,12 +814,9 @@ impl<R: Registers> NvmeChannel<R> {
         // At most MAX_IOVS_PER_IO, reserved once per slot: no allocation after warm-up.
         parent.clear();
         parent.reserve(MAX_IOVS_PER_IO);
-        for iov in io.iovs {
-            // SAFETY: as in `submit_command`: the bdev layer's `IoVec::new` contract keeps the
-            // memory valid and untouched until this bdev I/O completes, which is after every
-            // child command built from it completed.
-            parent.push(unsafe { IoVec::new(iov.as_mut_ptr(), iov.len_bytes()) });
-        }
+        // The bdev's iovecs are the driver's type: their contract keeps the memory valid
+        // until this bdev I/O completes, after every child command built from them.
+        parent.extend_from_slice(io.iovs);
         *split = Split {
             active: true,
             write: io.io_type == IoType::Write,
@@ -864,11 +861,11 @@ impl<R: Registers> NvmeChannel<R> {
                     break;
                 }
                 let take = (iov.len_bytes() - iov_offset).min(need);
-                // SAFETY: a sub-range of a parent iovec (offset + take <= its length), under
-                // the same contract as the parent (see `start_split`).
-                self.iovs.push(unsafe {
-                    IoVec::new((iov.addr() as usize + iov_offset) as *mut u8, take)
-                });
+                let Some(part) = iov.part(iov_offset, take) else {
+                    broken = true;
+                    break;
+                };
+                self.iovs.push(part);
                 need -= take;
                 iov_offset += take;
                 if iov_offset == iov.len_bytes() {
@@ -979,17 +976,11 @@ impl<R: Registers> NvmeChannel<R> {
                         reason: "more iovecs than MAX_IOVS_PER_IO",
                     });
                 }
+                // One IoVec type for both layers: the command built from these completes
+                // before the bdev I/O does (this channel's poll reaps it first, and its drop
+                // deletes the queues before returning), as their contract asks.
                 self.iovs.clear();
-                for iov in io.iovs {
-                    // SAFETY: the bdev layer hands only iovecs built with `pollux_bdev::IoVec::new`,
-                    // whose contract (the memory stays valid and untouched by anyone else until
-                    // the I/O's completion is handed back by the bdev channel's poll) is the
-                    // same as `pollux_nvme::IoVec::new`'s: the command built from it completes
-                    // before the bdev I/O does (this channel's poll reaps it first, and its
-                    // drop deletes the queues before returning).
-                    self.iovs
-                        .push(unsafe { IoVec::new(iov.as_mut_ptr(), iov.len_bytes()) });
-                }
+                self.iovs.extend_from_slice(io.iovs);
                 let count = nblocks(MAX_NO_DATA_BLOCKS)?;
                 if io.io_type == IoType::Read {
                     qpair.submit_read(&self.ns, tag, io.offset_blocks, count, &self.iovs)

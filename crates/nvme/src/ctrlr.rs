@@ -475,7 +475,8 @@ impl<R: Registers> Controller<R> {
         let tag = TAG_SYNC | self.sync_seq;
         let iov;
         let iovs: &[IoVec] = if data_len > 0 {
-            iov = IoVec::from_dma_buffer(&self.admin_buffer, 0, data_len)?;
+            iov = IoVec::from_dma_buffer(&self.admin_buffer, 0, data_len)
+                .map_err(NvmeError::dma("admin command data"))?;
             std::slice::from_ref(&iov)
         } else {
             &[]

@@ -26,63 +26,10 @@ use crate::spec::{
     SglDescriptor, SGL_DESCRIPTOR_BYTES, SGL_TYPE_DATA_BLOCK, SGL_TYPE_LAST_SEGMENT,
 };
 
-/// One scatter-gather entry: a virtual address and a length, like `struct iovec`. The
-/// address is translated to IOVAs when a command is built; the memory must be registered in
-/// the controller's [`MemMap`] (DMA memory, pool buffers).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IoVec {
-    addr: u64,
-    len_bytes: usize,
-}
-
-impl IoVec {
-    /// An iovec over `[addr, addr + len_bytes)`.
-    ///
-    /// # Safety
-    /// Until every command submitted with this iovec has completed (its completion was handed
-    /// back by [`QueuePair::process_completions`](crate::QueuePair::process_completions)), the
-    /// range stays mapped, is not freed, and is neither read nor written by anyone else: the
-    /// device reads or writes it on its own schedule.
-    pub unsafe fn new(addr: *mut u8, len_bytes: usize) -> Self {
-        Self {
-            addr: addr as u64,
-            len_bytes,
-        }
-    }
-
-    /// An iovec over `len_bytes` of a DMA buffer at `offset` (checked against the buffer).
-    ///
-    /// Safe because DMA memory is never turned into a Rust reference (env reads and writes it
-    /// only through volatile copies), so a device writing it cannot break Rust's aliasing
-    /// rules. The caller must still keep `buffer` alive, and leave those bytes alone, until
-    /// the command completes: dropping it earlier lets the device write into memory that has
-    /// been handed to someone else.
-    pub fn from_dma_buffer(
-        buffer: &DmaBuffer,
-        offset: usize,
-        len_bytes: usize,
-    ) -> Result<Self, NvmeError> {
-        match offset.checked_add(len_bytes) {
-            Some(end) if end <= buffer.len() && len_bytes > 0 => Ok(Self {
-                addr: buffer.vaddr() + offset as u64,
-                len_bytes,
-            }),
-            _ => Err(NvmeError::InvalidRequest {
-                reason: "iovec outside its DMA buffer or empty",
-            }),
-        }
-    }
-
-    #[inline]
-    pub fn addr(&self) -> u64 {
-        self.addr
-    }
-
-    #[inline]
-    pub fn len_bytes(&self) -> usize {
-        self.len_bytes
-    }
-}
+/// One scatter-gather entry: env's, shared with the bdev layer (see [`pollux_env::iovec`]).
+/// The address is translated to IOVAs when a command is built; the memory must be registered
+/// in the controller's [`MemMap`] (DMA memory, pool buffers) or it goes through a bounce buffer.
+pub use pollux_env::iovec::IoVec;
 
 /// The data pointer of one command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +110,7 @@ pub fn build_cached(
     // The I/O path's common case first: one iovec covering the transfer, one translation,
     // no list page, no length-sum loop.
     if let [iov] = iovs {
-        if iov.len_bytes as u64 == len_bytes && len_bytes != 0 {
+        if iov.len_bytes() as u64 == len_bytes && len_bytes != 0 {
             if let Some(pointer) = single_iovec_prp(memmap, cache, iov, area.page_size_bytes) {
                 return Ok(pointer);
             }
@@ -171,12 +118,12 @@ pub fn build_cached(
     }
     let mut sum = 0u64;
     for iov in iovs {
-        if iov.len_bytes == 0 {
+        if iov.len_bytes() == 0 {
             return Err(NvmeError::InvalidRequest {
                 reason: "empty iovec",
             });
         }
-        sum = sum.saturating_add(iov.len_bytes as u64);
+        sum = sum.saturating_add(iov.len_bytes() as u64);
     }
     if sum != len_bytes || len_bytes == 0 {
         return Err(NvmeError::InvalidRequest {
@@ -204,8 +151,8 @@ pub(crate) fn single_iovec_prp(
     iov: &IoVec,
     page_size_bytes: u64,
 ) -> Option<DataPointer> {
-    let len = iov.len_bytes as u64;
-    let translation = memmap.translate_cached(cache, iov.addr, len).ok()?;
+    let len = iov.len_bytes() as u64;
+    let translation = memmap.translate_cached(cache, iov.addr(), len).ok()?;
     if translation.len != len || translation.iova & 3 != 0 {
         return None;
     }
@@ -312,10 +259,10 @@ fn build_prp(
     let mut first = true;
     let mut previous_end_aligned = true;
     for iov in iovs {
-        for fragment in memmap.fragments(iov.addr, iov.len_bytes as u64) {
+        for fragment in memmap.fragments(iov.addr(), iov.len_bytes() as u64) {
             let fragment = fragment.map_err(|source| NvmeError::Translation {
-                vaddr: iov.addr,
-                len_bytes: iov.len_bytes as u64,
+                vaddr: iov.addr(),
+                len_bytes: iov.len_bytes() as u64,
                 source,
             })?;
             if first {
@@ -362,10 +309,10 @@ fn build_sgl(
     let mut count = 0usize;
     let mut only: Option<SglDescriptor> = None;
     for iov in iovs {
-        for fragment in memmap.fragments(iov.addr, iov.len_bytes as u64) {
+        for fragment in memmap.fragments(iov.addr(), iov.len_bytes() as u64) {
             let fragment = fragment.map_err(|source| NvmeError::Translation {
-                vaddr: iov.addr,
-                len_bytes: iov.len_bytes as u64,
+                vaddr: iov.addr(),
+                len_bytes: iov.len_bytes() as u64,
                 source,
             })?;
             let length = u32::try_from(fragment.len).map_err(|_| NvmeError::InvalidRequest {

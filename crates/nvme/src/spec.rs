@@ -1168,7 +1168,8 @@ pub struct SmartLog {
     pub controller_busy_time_min: u128,
     pub power_cycles: u128,
     pub power_on_hours: u128,
-    pub unsafe_shutdowns: u128,
+    /// "Unsafe Shutdowns" in the spec: power lost without a shutdown notification.
+    pub unclean_shutdowns: u128,
     pub media_errors: u128,
     pub error_log_entries: u128,
     pub warning_temperature_time_min: u32,
@@ -1197,7 +1198,7 @@ impl SmartLog {
             controller_busy_time_min: le128(b, 96),
             power_cycles: le128(b, 112),
             power_on_hours: le128(b, 128),
-            unsafe_shutdowns: le128(b, 144),
+            unclean_shutdowns: le128(b, 144),
             media_errors: le128(b, 160),
             error_log_entries: le128(b, 176),
             warning_temperature_time_min: le32(b, 192),
