@@ -42,7 +42,7 @@ use pollux_virtio::features::{
 
 use crate::dirty_log::DirtyLog;
 use crate::guest_memory::GuestMemory;
-use crate::inflight::QueueInflight;
+use crate::inflight::Tracker;
 use crate::queue::{Desc, VirtQueue, VringAddrs};
 
 /// Data descriptors per request the driver may use (`seg_max`; SPDK's 128 iovecs minus the
@@ -67,6 +67,9 @@ pub struct BlkDevice {
     pub num_blocks: u64,
     pub readonly: bool,
     pub packed_ring: bool,
+    /// Track packed rings in the inflight region and resume them from it after a back-end
+    /// restart (SPDK's `packed_ring_recovery`; off: a packed ring is not tracked).
+    pub packed_ring_recovery: bool,
     pub supports_flush: bool,
     pub supports_unmap: bool,
     pub supports_write_zeroes: bool,
@@ -91,6 +94,7 @@ impl BlkDevice {
             num_blocks: info.num_blocks,
             readonly,
             packed_ring,
+            packed_ring_recovery: false,
             supports_flush: desc.supports(pollux_bdev::IoType::Flush),
             supports_unmap: desc.supports(pollux_bdev::IoType::Unmap),
             supports_write_zeroes: desc.supports(pollux_bdev::IoType::WriteZeroes),
@@ -280,11 +284,13 @@ pub struct BlkQueue {
     call: Option<File>,
     in_flight: usize,
     stats: QueueStats,
-    /// Reconnection tracking (split rings with INFLIGHT_SHMFD).
-    inflight: Option<QueueInflight>,
-    /// Heads pushed used since the last publish (for `inflight`; capacity: the queue size).
+    /// Reconnection tracking (INFLIGHT_SHMFD; packed rings with `packed_ring_recovery`).
+    inflight: Option<Tracker>,
+    /// Heads (packed: buffer ids) pushed used since the last publish (for `inflight`;
+    /// capacity: the queue size).
     batch: Vec<u16>,
-    /// Heads recorded in flight by a previous back-end, to resubmit first (last = next).
+    /// Requests recorded in flight by a previous back-end, to resubmit first (last = next):
+    /// split heads, or packed head entries of the inflight region.
     resubmit: Vec<u16>,
     /// Interrupt coalescing (`None`: every notification the driver asks for is sent).
     coalescing: Option<Coalescing>,
@@ -353,8 +359,9 @@ pub struct BlkQueueParts {
     pub channel: BdevChannel,
     /// The call eventfd (`None`: the driver is never notified).
     pub call: Option<File>,
-    /// Inflight tracking and the heads to resubmit, oldest first.
-    pub inflight: Option<(QueueInflight, Vec<u16>)>,
+    /// Inflight tracking and the requests to resubmit, oldest first (split heads, packed
+    /// head entries).
+    pub inflight: Option<(Tracker, Vec<u16>)>,
     /// The dirty-page log, when the front-end is logging (live migration).
     pub log: Option<Arc<DirtyLog>>,
 }
@@ -467,7 +474,7 @@ impl BlkQueue {
         let mut notify = false;
         if work > 0 {
             if let Some(inflight) = self.inflight.as_mut() {
-                inflight.pre_publish(&self.batch);
+                inflight.pre_publish(&self.batch, &self.queue);
             }
             notify = self.queue.publish_used();
             if let Some(log) = &self.log {
@@ -475,8 +482,7 @@ impl BlkQueue {
                 log.mark(gpa, len);
             }
             if let Some(inflight) = self.inflight.as_mut() {
-                let used_idx = self.queue.published_used_idx().unwrap_or(0);
-                inflight.post_publish(&self.batch, used_idx);
+                inflight.post_publish(&self.batch, &self.queue);
             }
             self.batch.clear();
         }
@@ -586,12 +592,22 @@ impl BlkQueue {
         let mut taken = 0;
         while taken < MAX_REQUESTS_PER_POLL {
             let popped = match self.resubmit.pop() {
-                Some(head) => match self.queue.walk_head(&self.mem, head, &mut self.chain) {
+                Some(head) => match self.resubmitted(head) {
                     Some(popped) => popped,
                     None => continue,
                 },
                 None => match self.queue.pop(&self.mem, &mut self.chain) {
-                    Some(popped) => popped,
+                    Some(popped) => {
+                        // Packed: the chain's descriptors copied to the region (step 1), a
+                        // malformed one too, as its used descriptor moves the used position.
+                        if let (Some(Tracker::Packed(inflight)), Some(id)) = (
+                            self.inflight.as_mut(),
+                            popped.as_ref().map_or_else(|e| e.head, |&id| Some(id)),
+                        ) {
+                            inflight.begin(id, &self.queue);
+                        }
+                        popped
+                    }
                     None => break,
                 },
             };
@@ -619,7 +635,7 @@ impl BlkQueue {
                 );
                 continue;
             }
-            if let Some(inflight) = self.inflight.as_mut() {
+            if let Some(Tracker::Split(inflight)) = self.inflight.as_mut() {
                 inflight.begin(head);
             }
             match self.start(head) {
@@ -657,6 +673,28 @@ impl BlkQueue {
             }
         }
         taken
+    }
+
+    /// Walks a request a previous back-end left in flight into `self.chain`: a split head
+    /// through the ring, a packed head entry through the region's copy (the ring slots may
+    /// hold used descriptors by now). `None`: nothing to resubmit there.
+    #[cold]
+    fn resubmitted(&mut self, head: u16) -> Option<Result<u16, crate::queue::PopError>> {
+        match self.inflight.as_ref()? {
+            Tracker::Split(_) => self.queue.walk_head(&self.mem, head, &mut self.chain),
+            Tracker::Packed(inflight) => {
+                let (id, slots) = inflight.resubmit_info(head)?;
+                if !self.queue.resume_packed(id, slots) {
+                    tracing::warn!(
+                        queue = self.index,
+                        id,
+                        "vhost: packed id recorded in flight is already in flight; not resubmitted"
+                    );
+                    return None;
+                }
+                Some(inflight.walk(&self.mem, head, &mut self.chain))
+            }
+        }
     }
 
     /// Parses the chain in `self.chain` (head `head`) and starts it.

@@ -45,7 +45,7 @@ use vhost::VhostUserMemoryRegionBase;
 use crate::blk::{BlkDevice, BlkQueue, BlkQueueParts, CoalescingSettings};
 use crate::dirty_log::DirtyLog;
 use crate::guest_memory::{GuestMemory, RegionSpec};
-use crate::inflight::InflightRegion;
+use crate::inflight::{InflightRegion, Tracker};
 use crate::queue::{VirtQueue, VringAddrs, VringBase};
 
 /// Largest virtqueue size accepted (the bdev channel's slot limit).
@@ -398,35 +398,24 @@ impl BlkBackend {
             }
         }
         // Reconnection: requests a previous back-end left in flight are resubmitted first,
-        // and the avail ring resumes after them.
+        // and the ring resumes after them.
         let mut tracking = None;
-        if let (Some(region), Some(used_idx)) = (&inflight_region, queue.published_used_idx()) {
-            match region.queue(index as u16, size) {
-                Some(mut tracker) => {
-                    let recovery = tracker.recover(used_idx);
-                    if let Some(last_avail) = recovery.last_avail {
-                        queue = VirtQueue::new(
-                            &mem,
-                            size,
-                            addrs,
-                            VringBase { num: last_avail },
-                            packed,
-                            event_idx,
-                        )
-                        .map_err(start_error)?;
+        if let Some(region) = &inflight_region {
+            if packed && !ctrl.dev.packed_ring_recovery {
+                tracing::info!(ctrlr = %ctrl.name, index, "vhost: packed ring not tracked (packed_ring_recovery is off)");
+            } else {
+                match region.tracker(index as u16, size, packed) {
+                    Some(tracker) => {
+                        let (tracker, resubmit) =
+                            recover_ring(&ctrl.name, index, tracker, &mut queue, |base| {
+                                VirtQueue::new(&mem, size, addrs, base, packed, event_idx)
+                            })
+                            .map_err(start_error)?;
+                        tracking = Some((tracker, resubmit));
                     }
-                    tracing::info!(
-                        ctrlr = %ctrl.name,
-                        index,
-                        fresh = recovery.fresh,
-                        used_idx,
-                        resubmit = recovery.resubmit.len(),
-                        "vhost: inflight tracking on; requests left in flight are resubmitted"
-                    );
-                    tracking = Some((tracker, recovery.resubmit));
-                }
-                None => {
-                    tracing::warn!(ctrlr = %ctrl.name, index, size, "vhost: ring not covered by the inflight region; not tracked");
+                    None => {
+                        tracing::warn!(ctrlr = %ctrl.name, index, size, packed, region_packed = region.is_packed(), "vhost: ring not covered by the inflight region (size or layout); not tracked");
+                    }
                 }
             }
         }
@@ -529,14 +518,68 @@ impl BlkBackend {
     }
 }
 
-/// Protocol features offered; INFLIGHT_SHMFD only where inflight tracking works (split rings).
-fn protocol_features_offered(dev: &BlkDevice) -> VhostUserProtocolFeatures {
-    let inflight = if dev.packed_ring {
-        VhostUserProtocolFeatures::empty()
-    } else {
-        VhostUserProtocolFeatures::INFLIGHT_SHMFD
-    };
-    inflight
+/// Reads what a previous back-end left in the inflight region for one ring, and moves the
+/// ring to where it stopped: split, the avail index after the requests in flight (the used
+/// index is in guest memory); packed, both positions from the region (the front-end's
+/// SET_VRING_BASE is stale after a crash, SPDK's `packed_ring_recovery`). `restart` rebuilds
+/// the ring at another base (split). Returns the tracker and what to resubmit, oldest first.
+fn recover_ring(
+    ctrlr: &str,
+    index: usize,
+    tracker: Tracker,
+    queue: &mut VirtQueue,
+    restart: impl FnOnce(VringBase) -> Result<VirtQueue, crate::queue::RingSetupError>,
+) -> Result<(Tracker, Vec<u16>), crate::queue::RingSetupError> {
+    match tracker {
+        Tracker::Split(mut tracker) => {
+            let used_idx = queue.published_used_idx().unwrap_or(0);
+            let recovery = tracker.recover(used_idx);
+            if let Some(last_avail) = recovery.last_avail {
+                *queue = restart(VringBase { num: last_avail })?;
+            }
+            tracing::info!(
+                ctrlr,
+                index,
+                fresh = recovery.fresh,
+                used_idx,
+                resubmit = recovery.resubmit.len(),
+                "vhost: inflight tracking on; requests left in flight are resubmitted"
+            );
+            Ok((Tracker::Split(tracker), recovery.resubmit))
+        }
+        Tracker::Packed(mut tracker) => {
+            let Some((_, start)) = queue.packed_positions() else {
+                return Ok((Tracker::Packed(tracker), Vec::new()));
+            };
+            let recovery = tracker.recover(start, |slot| queue.packed_used_flag(slot));
+            if let Some(error) = &recovery.refused {
+                tracing::warn!(ctrlr, index, %error, "vhost: inflight region inconsistent; restarted empty, nothing resubmitted");
+            }
+            if let Some((avail, used)) = recovery.positions {
+                queue.set_packed_positions(avail, used);
+            }
+            let (avail, used) = queue.packed_positions().unwrap_or((start, start));
+            tracing::info!(
+                ctrlr,
+                index,
+                fresh = recovery.fresh,
+                avail_idx = avail.idx,
+                avail_wrap = avail.wrap,
+                used_idx = used.idx,
+                used_wrap = used.wrap,
+                resubmit = recovery.resubmit.len(),
+                "vhost: packed inflight tracking on; requests left in flight are resubmitted"
+            );
+            Ok((Tracker::Packed(tracker), recovery.resubmit))
+        }
+    }
+}
+
+/// Protocol features offered. INFLIGHT_SHMFD with either ring layout: a packed controller's
+/// rings are tracked when it has `packed_ring_recovery` (and a driver that negotiates split
+/// rings with it is tracked anyway).
+fn protocol_features_offered(_dev: &BlkDevice) -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
@@ -777,20 +820,19 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         &mut self,
         inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
-        if self.ctrl.dev.packed_ring {
-            return Err(invalid("INFLIGHT_SHMFD is not offered with packed rings"));
-        }
         if u32::from(inflight.queue_size) > MAX_QUEUE_SIZE
             || inflight.num_queues > self.ctrl.dev.num_queues
         {
             return Err(VuError::InvalidParam);
         }
-        let (file, size) = InflightRegion::create(inflight.num_queues, inflight.queue_size)
+        // The layout follows the negotiated ring format (QEMU sends SET_FEATURES first).
+        let packed = self.has_feature(pollux_virtio::features::VIRTIO_F_RING_PACKED);
+        let (file, size) = InflightRegion::create(inflight.num_queues, inflight.queue_size, packed)
             .map_err(|error| {
                 tracing::error!(ctrlr = %self.ctrl.name, %error, "vhost: GET_INFLIGHT_FD");
                 req_error(error)
             })?;
-        tracing::info!(ctrlr = %self.ctrl.name, queues = inflight.num_queues, queue_size = inflight.queue_size, bytes = size, "vhost: inflight region created");
+        tracing::info!(ctrlr = %self.ctrl.name, queues = inflight.num_queues, queue_size = inflight.queue_size, bytes = size, packed, "vhost: inflight region created");
         Ok((
             VhostUserInflight::new(size, 0, inflight.num_queues, inflight.queue_size),
             file,
@@ -807,6 +849,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             inflight.mmap_offset,
             inflight.num_queues,
             inflight.queue_size,
+            self.has_feature(pollux_virtio::features::VIRTIO_F_RING_PACKED),
         )
         .map_err(|error| {
             tracing::warn!(ctrlr = %self.ctrl.name, %error, "vhost: SET_INFLIGHT_FD refused");

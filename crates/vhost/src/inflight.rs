@@ -18,10 +18,18 @@
 //!
 //! After a crash between 2 and 3 the used ring's index differs from `used_idx` by the batch
 //! length, and the batch list says which heads to clear. Every head still marked is resubmitted
-//! in `counter` order, and the avail position restarts at `used_idx + in flight`. Only split
-//! rings are tracked (a packed controller does not offer INFLIGHT_SHMFD).
+//! in `counter` order, and the avail position restarts at `used_idx + in flight`.
+//!
+//! Packed rings use the packed layout of the same region ([`packed`]): which layout a region
+//! holds follows the negotiated VIRTIO_F_RING_PACKED, at GET_INFLIGHT_FD and SET_INFLIGHT_FD
+//! alike (as DPDK decides it), so both back-end processes agree on the queues' offsets.
+
+mod packed;
+
+pub use packed::{PackedInflight, PackedRecovery, PackedRegionError};
 
 use crate::guest_memory::{GuestMemory, GuestSlice, RegionSpec};
+use crate::queue::VirtQueue;
 
 const HEADER_BYTES: u64 = 16;
 const DESC_BYTES: u64 = 16;
@@ -33,10 +41,15 @@ const INFLIGHT_VERSION: u16 = 1;
 /// Each queue's part is a multiple of this (libvhost-user's INFLIGHT_ALIGNMENT).
 const ALIGN: u64 = 64;
 
-/// Bytes of one queue's part for `queue_size` descriptors (libvhost-user's formula, which
-/// QEMU's GET_INFLIGHT_FD users share).
-pub fn queue_region_bytes(queue_size: u16) -> u64 {
-    (DESC_BYTES * u64::from(queue_size) + 2).div_ceil(ALIGN) * ALIGN
+/// Bytes of one queue's part for `queue_size` descriptors: libvhost-user's formula for split
+/// queues, DPDK's (`get_pervq_shm_size_packed`) for packed ones.
+pub fn queue_region_bytes(queue_size: u16, packed: bool) -> u64 {
+    let bytes = if packed {
+        packed::HEADER_BYTES + packed::DESC_BYTES * u64::from(queue_size)
+    } else {
+        DESC_BYTES * u64::from(queue_size) + 2
+    };
+    bytes.div_ceil(ALIGN) * ALIGN
 }
 
 /// The mapped inflight file of one connection.
@@ -45,6 +58,8 @@ pub struct InflightRegion {
     mem: GuestMemory,
     num_queues: u16,
     queue_size: u16,
+    /// The packed layout (the queues use packed rings).
+    packed: bool,
 }
 
 /// Why an inflight region was refused.
@@ -66,8 +81,12 @@ pub enum InflightError {
 
 impl InflightRegion {
     /// A fresh zeroed file for GET_INFLIGHT_FD and its size.
-    pub fn create(num_queues: u16, queue_size: u16) -> Result<(std::fs::File, u64), InflightError> {
-        let size = queue_region_bytes(queue_size) * u64::from(num_queues.max(1));
+    pub fn create(
+        num_queues: u16,
+        queue_size: u16,
+        packed: bool,
+    ) -> Result<(std::fs::File, u64), InflightError> {
+        let size = queue_region_bytes(queue_size, packed) * u64::from(num_queues.max(1));
         let file =
             crate::sys::memfd("pollux-vhost-inflight", size).map_err(InflightError::Create)?;
         Ok((file, size))
@@ -80,8 +99,9 @@ impl InflightRegion {
         mmap_offset: u64,
         num_queues: u16,
         queue_size: u16,
+        packed: bool,
     ) -> Result<Self, InflightError> {
-        let needed = queue_region_bytes(queue_size).saturating_mul(u64::from(num_queues));
+        let needed = queue_region_bytes(queue_size, packed).saturating_mul(u64::from(num_queues));
         if mmap_size < needed || needed == 0 {
             return Err(InflightError::TooSmall {
                 mmap_size,
@@ -100,15 +120,46 @@ impl InflightRegion {
             mem,
             num_queues,
             queue_size,
+            packed,
         })
     }
 
-    /// Queue `index`'s tracker for a ring of `ring_size` (at most the region's queue size).
-    pub fn queue(&self, index: u16, ring_size: u16) -> Option<QueueInflight> {
-        if index >= self.num_queues || ring_size > self.queue_size {
+    /// Whether the region has the packed layout.
+    pub fn is_packed(&self) -> bool {
+        self.packed
+    }
+
+    /// Queue `index`'s tracker for a ring of `ring_size` (at most the region's queue size) of
+    /// the region's layout (`packed`: the ring is packed).
+    pub fn tracker(&self, index: u16, ring_size: u16, packed: bool) -> Option<Tracker> {
+        if packed != self.packed {
             return None;
         }
-        let offset = u64::from(index) * queue_region_bytes(self.queue_size);
+        if packed {
+            self.packed_queue(index, ring_size).map(Tracker::Packed)
+        } else {
+            self.queue(index, ring_size).map(Tracker::Split)
+        }
+    }
+
+    /// Packed queue `index`'s tracker for a ring of `ring_size`.
+    pub fn packed_queue(&self, index: u16, ring_size: u16) -> Option<PackedInflight> {
+        if !self.packed || index >= self.num_queues || ring_size > self.queue_size {
+            return None;
+        }
+        let offset = u64::from(index) * queue_region_bytes(self.queue_size, true);
+        let len = packed::HEADER_BYTES + packed::DESC_BYTES * u64::from(ring_size);
+        let mut hint = 0;
+        let slice = self.mem.slice(offset, len, &mut hint).ok()?;
+        Some(PackedInflight::new(slice, ring_size))
+    }
+
+    /// Split queue `index`'s tracker for a ring of `ring_size` (at most the region's queue size).
+    pub fn queue(&self, index: u16, ring_size: u16) -> Option<QueueInflight> {
+        if self.packed || index >= self.num_queues || ring_size > self.queue_size {
+            return None;
+        }
+        let offset = u64::from(index) * queue_region_bytes(self.queue_size, false);
         let len = HEADER_BYTES + DESC_BYTES * u64::from(ring_size);
         let mut hint = 0;
         let slice = self.mem.slice(offset, len, &mut hint).ok()?;
@@ -120,7 +171,43 @@ impl InflightRegion {
     }
 }
 
-/// One queue's part of the inflight region.
+/// One queue's tracker, of its ring's layout.
+#[derive(Debug)]
+pub enum Tracker {
+    Split(QueueInflight),
+    Packed(PackedInflight),
+}
+
+impl Tracker {
+    /// Step 2 of either protocol: the used entries of `heads` (split heads, packed buffer
+    /// ids) pushed to `queue` are about to be published.
+    #[inline]
+    pub fn pre_publish(&mut self, heads: &[u16], queue: &VirtQueue) {
+        match self {
+            Tracker::Split(t) => t.pre_publish(heads),
+            Tracker::Packed(t) => {
+                if let Some((_, used)) = queue.packed_positions() {
+                    t.pre_publish(heads, used);
+                }
+            }
+        }
+    }
+
+    /// Step 3: they were published.
+    #[inline]
+    pub fn post_publish(&mut self, heads: &[u16], queue: &VirtQueue) {
+        match self {
+            Tracker::Split(t) => t.post_publish(heads, queue.published_used_idx().unwrap_or(0)),
+            Tracker::Packed(t) => {
+                if let Some((_, used)) = queue.packed_positions() {
+                    t.post_publish(heads, used);
+                }
+            }
+        }
+    }
+}
+
+/// One split queue's part of the inflight region.
 #[derive(Debug)]
 pub struct QueueInflight {
     slice: GuestSlice,
@@ -238,8 +325,8 @@ mod tests {
 
     #[test]
     fn a_crash_mid_batch_resubmits_exactly_the_unfinished_heads() {
-        let (file, size) = InflightRegion::create(2, 8).expect("memfd");
-        let region = InflightRegion::map(&file, size, 0, 2, 8).expect("map");
+        let (file, size) = InflightRegion::create(2, 8, false).expect("memfd");
+        let region = InflightRegion::map(&file, size, 0, 2, 8, false).expect("map");
         let mut q = region.queue(1, 8).expect("queue 1");
         assert!(q.recover(0).fresh, "fresh region");
         for head in [3, 5, 1, 6] {
@@ -248,7 +335,7 @@ mod tests {
         // Batch {5, 3} published (used idx 0 -> 2), then "crash" before post_publish.
         q.pre_publish(&[5, 3]);
         // A second process maps the same file.
-        let region2 = InflightRegion::map(&file, size, 0, 2, 8).expect("map again");
+        let region2 = InflightRegion::map(&file, size, 0, 2, 8, false).expect("map again");
         let mut q2 = region2.queue(1, 8).expect("queue 1");
         let recovery = q2.recover(2);
         assert_eq!(
@@ -258,6 +345,6 @@ mod tests {
         );
         assert_eq!(recovery.last_avail, Some(4));
         assert!(region.queue(2, 8).is_none() && region.queue(0, 9).is_none());
-        assert!(InflightRegion::map(&file, 16, 0, 2, 8).is_err());
+        assert!(InflightRegion::map(&file, 16, 0, 2, 8, false).is_err());
     }
 }

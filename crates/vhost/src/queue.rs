@@ -65,6 +65,8 @@ pub enum ChainError {
     IdOutOfRange { id: u16, size: u16 },
     #[error("packed buffer id {id} is already in flight")]
     IdInFlight { id: u16 },
+    #[error("the inflight region's copy at entry {entry} does not end where its chain does")]
+    InflightCopy { entry: u16 },
 }
 
 /// A chain that could not be taken: `head` is the id to return used (length 0), when there is
@@ -90,6 +92,97 @@ pub struct VringBase {
     /// Split: the next avail index to read. Packed: bits 0..15 the next avail slot, bit 15 the
     /// avail wrap counter (the encoding QEMU and DPDK use); the used position equals it.
     pub num: u16,
+}
+
+/// A position in a packed ring: a slot and the wrap counter of the lap it is in (§2.8.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackedPosition {
+    pub idx: u16,
+    pub wrap: bool,
+}
+
+impl PackedPosition {
+    /// The position `by` slots on (`by` at most `size`, `idx` below it).
+    pub fn advance(self, by: u16, size: u16) -> Self {
+        let next = u32::from(self.idx) + u32::from(by.min(size));
+        if next >= u32::from(size) {
+            Self {
+                idx: (next - u32::from(size)) as u16,
+                wrap: !self.wrap,
+            }
+        } else {
+            Self {
+                idx: next as u16,
+                wrap: self.wrap,
+            }
+        }
+    }
+
+    /// Slots from here on to `later` (0 to `2 * size - 1`; laps alternate the wrap counter, so
+    /// positions repeat every two laps).
+    pub fn distance_to(self, later: Self, size: u16) -> u16 {
+        let linear = |p: Self| u32::from(p.idx) + if p.wrap { 0 } else { u32::from(size) };
+        let ring = 2 * u32::from(size);
+        ((linear(later) + ring - linear(self)) % ring) as u16
+    }
+}
+
+/// One packed chain walked descriptor by descriptor (§2.8.6, §2.8.7), from the ring or from
+/// the inflight region's copies: the same checks either way.
+pub(crate) struct PackedChainWalk {
+    size: u16,
+    taken: u16,
+    result: Result<(), ChainError>,
+}
+
+impl PackedChainWalk {
+    pub(crate) fn new(size: u16) -> Self {
+        Self {
+            size,
+            taken: 0,
+            result: Ok(()),
+        }
+    }
+
+    /// Takes descriptor `desc` of the chain into `out`; returns whether the chain goes on.
+    pub(crate) fn step(
+        &mut self,
+        mem: &GuestMemory,
+        desc: &PackedDesc,
+        out: &mut Vec<Desc>,
+    ) -> bool {
+        self.taken += 1;
+        let next = desc.flags & VIRTQ_DESC_F_NEXT != 0;
+        if desc.flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            // §2.8.7: an indirect descriptor is the chain's only one (INDIRECT and NEXT are
+            // exclusive); the rest of a bad chain is still consumed, so the ring stays in step.
+            if self.taken != 1 || next {
+                self.result = Err(ChainError::IndirectInChain);
+                return next;
+            }
+            self.result = walk_indirect(mem, desc.addr, desc.len, false, out);
+            return false;
+        }
+        if self.result.is_ok() {
+            out.push(Desc {
+                gpa: desc.addr,
+                len: desc.len,
+                write: desc.flags & VIRTQ_DESC_F_WRITE != 0,
+            });
+        }
+        next
+    }
+
+    /// The chain goes on past the queue size (a loop, §2.8.6 bounds a chain by it).
+    fn too_long(&mut self) {
+        self.result = Err(ChainError::TooLong {
+            limit: u32::from(self.size),
+        });
+    }
+
+    pub(crate) fn finish(self) -> Result<(), ChainError> {
+        self.result
+    }
 }
 
 /// Why a ring could not start.
@@ -216,7 +309,8 @@ impl VirtQueue {
     }
 
     /// Walks the chain at `head` again (a split request recorded in flight before a
-    /// reconnect, resubmitted). `None` for a packed ring (not tracked).
+    /// reconnect, resubmitted). `None` for a packed ring (resubmitted from the inflight
+    /// region's copies, [`PackedInflight::walk`](crate::inflight::PackedInflight::walk)).
     pub fn walk_head(
         &self,
         mem: &GuestMemory,
@@ -243,6 +337,87 @@ impl VirtQueue {
                 )
             }
             VirtQueue::Packed(_) => None,
+        }
+    }
+
+    /// Packed: the ring slots the last [`pop`](Self::pop) read (first slot, count).
+    pub fn last_packed_chain(&self) -> Option<(u16, u16)> {
+        match self {
+            VirtQueue::Split(_) => None,
+            VirtQueue::Packed(q) => Some(q.last_chain),
+        }
+    }
+
+    /// Packed: the ring descriptor `i` slots after slot `start` (as it is now).
+    pub fn packed_ring_desc(&self, start: u16, i: u16) -> Option<PackedDesc> {
+        match self {
+            VirtQueue::Split(_) => None,
+            VirtQueue::Packed(q) => {
+                let slot = (u32::from(start) + u32::from(i)) % u32::from(q.size);
+                Some(q.read(slot as u16))
+            }
+        }
+    }
+
+    /// Packed: the USED flag of the ring descriptor at `slot` (§2.8.1).
+    pub fn packed_used_flag(&self, slot: u16) -> bool {
+        match self {
+            VirtQueue::Split(_) => false,
+            VirtQueue::Packed(q) => {
+                slot < q.size
+                    && q.ring
+                        .read_u16(u64::from(slot) * DESC_SIZE_BYTES as u64 + 14)
+                        & pollux_virtio::ring::VIRTQ_DESC_F_USED
+                        != 0
+            }
+        }
+    }
+
+    /// Packed: the device's avail and used positions (the used one after the entries pushed
+    /// so far, published or not).
+    pub fn packed_positions(&self) -> Option<(PackedPosition, PackedPosition)> {
+        match self {
+            VirtQueue::Split(_) => None,
+            VirtQueue::Packed(q) => Some((
+                PackedPosition {
+                    idx: q.next_avail,
+                    wrap: q.avail_wrap,
+                },
+                PackedPosition {
+                    idx: q.next_used,
+                    wrap: q.used_wrap,
+                },
+            )),
+        }
+    }
+
+    /// Packed: resumes at the positions an inflight region recorded (a packed ring's
+    /// SET_VRING_BASE is stale after a back-end died: the front-end cannot read the device's
+    /// position back, there is no used index in shared memory). Positions out of range are
+    /// ignored.
+    pub fn set_packed_positions(&mut self, avail: PackedPosition, used: PackedPosition) {
+        if let VirtQueue::Packed(q) = self {
+            if avail.idx < q.size && used.idx < q.size {
+                (q.next_avail, q.avail_wrap) = (avail.idx, avail.wrap);
+                (q.next_used, q.used_wrap) = (used.idx, used.wrap);
+                (q.published_used, q.published_wrap) = (used.idx, used.wrap);
+            }
+        }
+    }
+
+    /// Packed: buffer `id`, taken by a previous back-end over `slots` ring slots, is in flight
+    /// again (resubmitted from the inflight region). False when `id` is out of range or
+    /// already in flight.
+    pub fn resume_packed(&mut self, id: u16, slots: u16) -> bool {
+        let VirtQueue::Packed(q) = self else {
+            return false;
+        };
+        match q.id_slots.get_mut(usize::from(id)) {
+            Some(entry) if *entry == 0 && slots > 0 => {
+                *entry = slots;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -555,6 +730,8 @@ pub struct PackedQueue {
     id_slots: Box<[u16]>,
     /// First used descriptor written in this batch, whose flags are stored last.
     pending_first: Option<(u16, u16)>,
+    /// The ring slots the last pop read (first slot, count), for the inflight copy.
+    last_chain: (u16, u16),
 }
 
 impl PackedQueue {
@@ -605,6 +782,7 @@ impl PackedQueue {
             published_wrap: wrap,
             id_slots: vec![0u16; usize::from(size)].into_boxed_slice(),
             pending_first: None,
+            last_chain: (0, 0),
         })
     }
 
@@ -638,46 +816,26 @@ impl PackedQueue {
             return None;
         }
         fence(Ordering::Acquire);
-        let first = self.read(self.next_avail);
+        let start = self.next_avail;
         let (mut slot, mut wrap) = (self.next_avail, self.avail_wrap);
-        let mut taken = 0u16;
-        let mut result = Ok(());
-        let mut desc = first;
+        let mut walk = PackedChainWalk::new(self.size);
+        let mut desc = self.read(slot);
         loop {
-            if taken >= self.size {
-                result = Err(ChainError::TooLong {
-                    limit: u32::from(self.size),
-                });
+            if walk.taken >= self.size {
+                walk.too_long();
                 break;
             }
-            if taken > 0 {
+            if walk.taken > 0 {
                 desc = self.read(slot);
             }
-            taken += 1;
             (slot, wrap) = self.advance(slot, wrap, 1);
-            if desc.flags & VIRTQ_DESC_F_INDIRECT != 0 {
-                if taken != 1 || desc.flags & VIRTQ_DESC_F_NEXT != 0 {
-                    result = Err(ChainError::IndirectInChain);
-                    // Consume the rest of the chain so the ring stays in step.
-                    if desc.flags & VIRTQ_DESC_F_NEXT == 0 {
-                        break;
-                    }
-                    continue;
-                }
-                result = walk_indirect(mem, desc.addr, desc.len, false, out);
-                break;
-            }
-            if result.is_ok() {
-                out.push(Desc {
-                    gpa: desc.addr,
-                    len: desc.len,
-                    write: desc.flags & VIRTQ_DESC_F_WRITE != 0,
-                });
-            }
-            if desc.flags & VIRTQ_DESC_F_NEXT == 0 {
+            if !walk.step(mem, &desc, out) {
                 break;
             }
         }
+        let taken = walk.taken;
+        let result = walk.finish();
+        self.last_chain = (start, taken);
         self.next_avail = slot;
         self.avail_wrap = wrap;
         // The buffer id sits in the last descriptor of the chain (§2.8.6).
