@@ -5,8 +5,9 @@
 //! Parameters go through `pollux_vhost::config`'s parse functions (the ones a `-c` file goes
 //! through), so a parameter means the same in a file and over RPC. SPDK's parameters are
 //! `ctrlr`, `dev_name`, `cpumask`, `transport` (only `vhost_user_blk`, SPDK's default),
-//! `readonly`, `packed_ring` and `packed_ring_recovery` (refused unless `false`: Pollux does
-//! not track packed rings across a reconnect); Pollux adds `num_queues`.
+//! `readonly`, `packed_ring` and `packed_ring_recovery` (packed rings tracked in the inflight
+//! region and resumed from it after a back-end restart; written by `save_config` when on);
+//! Pollux adds `num_queues`.
 //!
 //! Deletion runs on an OS thread of its own, not on the app thread: it waits for the
 //! controller's rings to finish their in-flight requests, and those rings may be polled by

@@ -198,7 +198,7 @@ fn create_refuses_bad_parameters_by_name() {
         ),
         (
             json!({"ctrlr": "v", "dev_name": "Malloc0", "packed_ring": true,
-                   "packed_ring_recovery": true}),
+                   "packed_ring_recovery": 1}),
             code::INVALID_PARAMS,
             "\"packed_ring_recovery\"",
         ),
@@ -306,7 +306,8 @@ fn save_config_loads_into_a_fresh_target_identically() {
         malloc(&first, "Malloc1");
         create(
             &first,
-            json!({"ctrlr": "vhost.0", "dev_name": "Malloc0", "readonly": true, "packed_ring": true}),
+            json!({"ctrlr": "vhost.0", "dev_name": "Malloc0", "readonly": true, "packed_ring": true,
+                   "packed_ring_recovery": true}),
         )
         .expect("vhost.0");
         create(
@@ -344,7 +345,7 @@ fn save_config_loads_into_a_fresh_target_identically() {
         &json!([
             {"method": "vhost_create_blk_controller",
              "params": {"ctrlr": "vhost.0", "dev_name": "Malloc0", "cpumask": "0x1",
-                        "readonly": true, "packed_ring": true}},
+                        "readonly": true, "packed_ring": true, "packed_ring_recovery": true}},
             {"method": "vhost_create_blk_controller",
              "params": {"ctrlr": "vhost.1", "dev_name": "Malloc1", "cpumask": "0x1",
                         "readonly": false, "packed_ring": false, "num_queues": 2}},

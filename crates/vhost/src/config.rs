@@ -4,7 +4,7 @@
 //! {"subsystem": "vhost_blk", "config": [
 //!     {"method": "vhost_create_blk_controller",
 //!      "params": {"ctrlr": "vhost.0", "dev_name": "Malloc0", "cpumask": "0x1",
-//!                 "readonly": false, "packed_ring": false}}
+//!                 "readonly": false, "packed_ring": true, "packed_ring_recovery": true}}
 //! ]}
 //! ```
 //!
@@ -182,20 +182,14 @@ pub fn parse_create(
                 .ok_or_else(|| bad("num_queues", "must be an integer up to 256"))?,
         ),
     };
-    // SPDK's default is false; Pollux does not track packed rings across a reconnect.
-    if boolean("packed_ring_recovery")? {
-        return Err(bad(
-            "packed_ring_recovery",
-            "= true is not supported by Pollux (packed rings are not tracked across a \
-             reconnect); leave it out or use false",
-        ));
-    }
     Ok(ControllerOptions {
         ctrlr: ctrlr.to_string(),
         dev_name: dev_name.to_string(),
         cpumask,
         readonly: boolean("readonly")?,
         packed_ring: boolean("packed_ring")?,
+        // SPDK's default is false: packed rings are then not tracked across a reconnect.
+        packed_ring_recovery: boolean("packed_ring_recovery")?,
         num_queues,
         coalescing: None,
     })
@@ -295,9 +289,16 @@ mod tests {
                  "params": {"ctrlr": "x", "dev_name": "a", "packed_ring": true, "packed_ring_recovery": on}}
             ]}]})
         };
-        assert!(parse(&recovery(false), Path::new("t.json")).is_ok());
+        let parsed = parse(&recovery(false), Path::new("t.json")).expect("recovery off");
+        assert!(!parsed[0].packed_ring_recovery);
+        let parsed = parse(&recovery(true), Path::new("t.json")).expect("recovery on");
+        assert!(parsed[0].packed_ring && parsed[0].packed_ring_recovery);
+        let not_bool = json!({"subsystems": [{"subsystem": "vhost_blk", "config": [
+            {"method": "vhost_create_blk_controller",
+             "params": {"ctrlr": "x", "dev_name": "a", "packed_ring_recovery": "yes"}}
+        ]}]});
         assert!(matches!(
-            parse(&recovery(true), Path::new("t.json")),
+            parse(&not_bool, Path::new("t.json")),
             Err(ConfigError::Param { param, .. }) if param == "packed_ring_recovery"
         ));
     }

@@ -74,6 +74,9 @@ pub struct ControllerOptions {
     pub readonly: bool,
     /// Offer VIRTIO_F_RING_PACKED.
     pub packed_ring: bool,
+    /// Packed rings survive a back-end restart: tracked in the inflight region and resumed
+    /// from it (SPDK's `packed_ring_recovery`).
+    pub packed_ring_recovery: bool,
     /// Queues offered (`None`: [`DEFAULT_NUM_QUEUES`]).
     pub num_queues: Option<u16>,
     /// Interrupt coalescing (`vhost_controller_set_coalescing`; `None`: off).
@@ -88,6 +91,7 @@ impl ControllerOptions {
             cpumask: None,
             readonly: false,
             packed_ring: false,
+            packed_ring_recovery: false,
             num_queues: None,
             coalescing: None,
         }
@@ -103,6 +107,7 @@ pub struct ControllerInfo {
     pub bdev: String,
     pub readonly: bool,
     pub packed_ring: bool,
+    pub packed_ring_recovery: bool,
     pub num_queues: u16,
     /// Interrupt coalescing: base delay (0: off) and rate threshold.
     pub delay_base_us: u32,
@@ -139,7 +144,8 @@ impl ControllerInfo {
     }
 
     /// The `vhost_create_blk_controller` entry that recreates it (for `save_config`);
-    /// `num_queues` (Pollux's, not SPDK's) only when it is not the default.
+    /// `num_queues` (Pollux's, not SPDK's) only when it is not the default,
+    /// `packed_ring_recovery` only when on.
     pub fn to_config(&self) -> Value {
         let mut entry = json!({
             "method": "vhost_create_blk_controller",
@@ -151,6 +157,9 @@ impl ControllerInfo {
                 "packed_ring": self.packed_ring,
             }
         });
+        if self.packed_ring_recovery {
+            entry["params"]["packed_ring_recovery"] = json!(true);
+        }
         if self.num_queues != DEFAULT_NUM_QUEUES {
             entry["params"]["num_queues"] = json!(self.num_queues);
         }
@@ -262,12 +271,9 @@ impl VhostTarget {
             .map_err(bdev_error)?;
         desc.claim(&format!("vhost controller {name}"))
             .map_err(bdev_error)?;
-        let dev = Arc::new(BlkDevice::new(
-            &desc,
-            opts.readonly,
-            opts.packed_ring,
-            num_queues,
-        ));
+        let mut dev = BlkDevice::new(&desc, opts.readonly, opts.packed_ring, num_queues);
+        dev.packed_ring_recovery = opts.packed_ring_recovery;
+        let dev = Arc::new(dev);
         let path = self.socket_dir.join(&name);
         let listener = bind(&path).map_err(|source| VhostError::Socket {
             ctrlr: name.clone(),
@@ -318,6 +324,7 @@ impl VhostTarget {
             bdev: shared.desc.name().to_string(),
             readonly: opts.readonly,
             packed_ring: opts.packed_ring,
+            packed_ring_recovery: opts.packed_ring_recovery,
             num_queues,
             delay_base_us: opts
                 .coalescing
