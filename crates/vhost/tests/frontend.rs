@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use pollux_bdev::modules::malloc;
+use pollux_bdev::modules::{delay, malloc};
 use pollux_bdev::BdevRegistry;
 use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
@@ -38,6 +38,8 @@ const STATUS: u64 = 0x8100;
 const INDIRECT: u64 = 0x9000;
 const BUF: u64 = 0x10000;
 const QSIZE: u16 = 16;
+/// The write latency of the packed-rec controller's delay bdev.
+const PACKED_WRITE_DELAY_MS: u64 = 600;
 
 const VERSION_1: u64 = 1 << 32;
 const RING_PACKED: u64 = 1 << 34;
@@ -77,7 +79,7 @@ fn start_target(tag: &str) -> Target {
         no_huge: true,
     })
     .expect("dma");
-    for name in ["M0", "M1"] {
+    for name in ["M0", "M1", "M2"] {
         malloc::create(
             &registry,
             &dma,
@@ -94,7 +96,7 @@ fn start_target(tag: &str) -> Target {
     })
     .expect("app");
     let handle = app.handle();
-    let target = VhostTarget::new(handle.clone(), registry, &dir);
+    let target = VhostTarget::new(handle.clone(), registry.clone(), &dir);
     let mut split = ControllerOptions::new("split", "M0");
     split.num_queues = Some(2);
     target
@@ -105,6 +107,26 @@ fn start_target(tag: &str) -> Target {
     target
         .create_blk_controller(packed)
         .expect("packed controller");
+    // Writes held PACKED_WRITE_DELAY_MS, so that they are in flight when a test wants them.
+    delay::create(
+        &registry,
+        delay::DelayOptions {
+            name: "D2".into(),
+            uuid: None,
+            base_bdev_name: "M2".into(),
+            avg_read_latency_us: 0,
+            p99_read_latency_us: 0,
+            avg_write_latency_us: PACKED_WRITE_DELAY_MS * 1000,
+            p99_write_latency_us: PACKED_WRITE_DELAY_MS * 1000,
+        },
+    )
+    .expect("delay bdev");
+    let mut recovery = ControllerOptions::new("packed-rec", "D2");
+    recovery.packed_ring = true;
+    recovery.packed_ring_recovery = true;
+    target
+        .create_blk_controller(recovery)
+        .expect("packed recovery controller");
     let (tx, rx) = mpsc::channel();
     let reactor = std::thread::spawn(move || {
         app.run(move |_ctx| {
@@ -150,6 +172,10 @@ struct Fe {
     wrap: bool,
     /// Protocol features acked on top of PROTOCOL (and INFLIGHT_SHMFD with a region).
     extra_protocol: u64,
+    /// Ask the target for an inflight region (GET_INFLIGHT_FD) and hand it back
+    /// (SET_INFLIGHT_FD), as QEMU does at first start; the region lands here.
+    get_inflight: bool,
+    inflight: Option<(File, u64)>,
 }
 
 impl Fe {
@@ -167,6 +193,8 @@ impl Fe {
             next_slot: 0,
             wrap: true,
             extra_protocol: 0,
+            get_inflight: false,
+            inflight: None,
         }
     }
 
@@ -239,7 +267,7 @@ impl Fe {
         }
         self.send(2, 0, &acked.to_le_bytes(), &[]);
         assert_eq!(protocol & self.extra_protocol, self.extra_protocol);
-        let protocol_acked = if inflight.is_some() {
+        let protocol_acked = if inflight.is_some() || self.get_inflight {
             assert_ne!(protocol & INFLIGHT_SHMFD, 0, "inflight offered");
             PROTOCOL | INFLIGHT_SHMFD
         } else {
@@ -247,6 +275,24 @@ impl Fe {
         } | self.extra_protocol;
         self.send(16, 0, &protocol_acked.to_le_bytes(), &[]);
         assert_eq!(self.ack(3, &[], &[]), 0, "SET_OWNER");
+        if self.get_inflight && inflight.is_none() {
+            let mut body = Vec::new();
+            body.extend_from_slice(&[0u8; 16]);
+            body.extend_from_slice(&1u16.to_le_bytes());
+            body.extend_from_slice(&QSIZE.to_le_bytes());
+            body.extend_from_slice(&[0u8; 4]);
+            self.send(31, 0, &body, &[]);
+            let mut reply = [0u8; 12 + 24];
+            let (n, file) = self.sock.recv_with_fd(&mut reply).expect("GET_INFLIGHT_FD");
+            assert_eq!(n, reply.len(), "GET_INFLIGHT_FD reply");
+            let size = u64::from_le_bytes(reply[12..20].try_into().expect("8"));
+            self.inflight = Some((file.expect("an inflight fd"), size));
+        }
+        let got = self
+            .inflight
+            .as_ref()
+            .map(|(f, size)| (f.try_clone().expect("fd"), *size));
+        let inflight = inflight.or(got.as_ref().map(|(f, size)| (f, *size)));
         if let Some((file, size)) = inflight {
             let mut body = Vec::new();
             body.extend_from_slice(&size.to_le_bytes());
@@ -759,6 +805,133 @@ fn reconnect_resubmits_the_requests_left_in_flight() {
     fe.avail_idx = 2;
     fe.used_seen = 2;
     assert_valid_read_completes(&mut fe);
+}
+
+/// The packed descriptor at ring slot `slot`.
+fn ring_slot(fe: &Fe, slot: u16) -> PackedDesc {
+    PackedDesc::from_le_bytes(
+        fe.get(DESC + 16 * u64::from(slot), 16)
+            .try_into()
+            .expect("16"),
+    )
+}
+
+/// A packed ring across a back-end restart, as `kill -9` leaves it: reads A and D completed
+/// (D's used descriptor overwrote the ring slot of B, still in flight), writes B and C in
+/// flight. The state at that moment (ring and inflight region) is copied, the target is let
+/// go (it finishes B and C), the copies are put back, and a front-end reconnects with the same
+/// region and a stale SET_VRING_BASE (0, what QEMU sends for a packed ring after the back-end
+/// died). The target must resubmit B and C from the region's copies, exactly once each, at the
+/// positions the region recorded, and never A or D again.
+#[test]
+fn packed_reconnect_resubmits_from_the_inflight_copies() {
+    let target = start_target("inflight-packed");
+    let socket = target.dir.join("packed-rec");
+    let mem = guest_file(&target.dir);
+    let mut fe = Fe::connect(&socket, mem.try_clone().expect("mem"));
+    fe.get_inflight = true;
+    fe.setup(true);
+    let (region, region_bytes) = fe.inflight.take().expect("GET_INFLIGHT_FD answered");
+    assert!(
+        region_bytes >= 32 + 32 * u64::from(QSIZE),
+        "sized for the packed layout"
+    );
+    // Request r: (header, data, status) addresses, sector, write.
+    let req = |n: u64, sector: u64, write: bool| {
+        let hdr_gpa = 0x8200 + 0x40 * n;
+        let status_gpa = hdr_gpa + 0x20;
+        let data = BUF + 0x1000 * n;
+        let t = if write {
+            VIRTIO_BLK_T_OUT
+        } else {
+            VIRTIO_BLK_T_IN
+        };
+        mem.write_all_at(&hdr(t, sector), hdr_gpa).expect("hdr");
+        mem.write_all_at(&[0xff], status_gpa).expect("status");
+        let data_flags = if write { 0 } else { W };
+        (
+            [
+                (hdr_gpa, 16, 0),
+                (data, 4096, data_flags),
+                (status_gpa, 1, W),
+            ],
+            status_gpa,
+            data,
+        )
+    };
+    // A: read (slots 0-2), completes at once.
+    let (a, a_status, _) = req(0, 0, false);
+    let (_, used_len) = fe.packed_request(&a, 7, true).expect("A used");
+    assert_eq!((fe.get(a_status, 1)[0], used_len), (VIRTIO_BLK_S_OK, 4097));
+    // B, C: writes (slots 3-5, 6-8), held by the delay bdev.
+    let (b, b_status, b_data) = req(1, 16, true);
+    let (c, c_status, c_data) = req(2, 32, true);
+    mem.write_all_at(&[0xb1; 4096], b_data).expect("B data");
+    mem.write_all_at(&[0xc1; 4096], c_data).expect("C data");
+    let _ = fe.packed_request(&b, 3, false);
+    let _ = fe.packed_request(&c, 9, false);
+    // D: read (slots 9-11) completes first; its used descriptor goes to slot 3, B's.
+    let (d, _, _) = req(3, 0, false);
+    let _ = fe.packed_request(&d, 12, false);
+    fe.wait(|| {
+        let used = ring_slot(&fe, 3);
+        used.is_used(true) && used.id == 12
+    });
+    assert_eq!(fe.get(b_status, 1)[0], 0xff, "B still in flight");
+    // The state a SIGKILL would leave now.
+    let ring_bytes = fe.get(DESC, 16 * usize::from(QSIZE));
+    let mut region_copy = vec![0u8; region_bytes as usize];
+    region.read_exact_at(&mut region_copy, 0).expect("region");
+    drop(fe);
+    // The target finishes B and C before it serves anyone else; then the copies go back.
+    std::thread::sleep(Duration::from_millis(3 * PACKED_WRITE_DELAY_MS));
+    mem.write_all_at(&ring_bytes, DESC).expect("ring back");
+    region.write_all_at(&region_copy, 0).expect("region back");
+    for status in [b_status, c_status] {
+        mem.write_all_at(&[0xff], status).expect("status");
+    }
+    // New data in B and C's buffers: what reaches the disk says which buffers were used.
+    mem.write_all_at(&[0xb2; 4096], b_data).expect("B data");
+    mem.write_all_at(&[0xc2; 4096], c_data).expect("C data");
+
+    let mut fe = Fe::connect(&socket, mem.try_clone().expect("mem"));
+    fe.setup_with(true, Some((&region, region_bytes)));
+    // Used positions go on from 6 (after A and D): B and C land at slots 6 and 9.
+    fe.wait(|| {
+        let (x, y) = (ring_slot(&fe, 6), ring_slot(&fe, 9));
+        x.is_used(true) && y.is_used(true)
+    });
+    let mut ids = [ring_slot(&fe, 6).id, ring_slot(&fe, 9).id];
+    ids.sort_unstable();
+    assert_eq!(ids, [3, 9], "B and C resubmitted");
+    assert_eq!(fe.get(b_status, 1)[0], VIRTIO_BLK_S_OK);
+    assert_eq!(fe.get(c_status, 1)[0], VIRTIO_BLK_S_OK);
+    // Nothing else completes: A and D are not repeated.
+    std::thread::sleep(Duration::from_millis(2 * PACKED_WRITE_DELAY_MS));
+    assert!(
+        !ring_slot(&fe, 12).is_used(true),
+        "no third completion (A or D again)"
+    );
+    // The ring goes on at slot 12: reads of sectors 16 and 32 see B and C's new data.
+    fe.next_slot = 12;
+    fe.wrap = true;
+    for (sector, byte) in [(16, 0xb2u8), (32, 0xc2)] {
+        let (e, _, e_data) = req(4, sector, false);
+        let start = fe.next_slot;
+        let _ = fe.packed_request(&e, 5, false);
+        fe.wait(|| {
+            let used = ring_slot(&fe, start);
+            // In order now: each used descriptor at its chain's first slot, both in lap 1.
+            used.is_used(true) && used.id == 5
+        });
+        assert_eq!(fe.get(e_data, 4096), vec![byte; 4096], "sector {sector}");
+    }
+    // The region recorded the used position after all of it: slot 2 of the next lap.
+    let mut state = [0u8; 6];
+    region.read_exact_at(&mut state, 16).expect("positions");
+    assert_eq!(u16::from_le_bytes([state[0], state[1]]), 2, "used_idx");
+    assert_eq!(u16::from_le_bytes([state[2], state[3]]), 2, "old_used_idx");
+    assert_eq!((state[4], state[5]), (0, 0), "wrap counters flipped");
 }
 
 /// SET_LOG_BASE's body: mmap_size, mmap_offset.
