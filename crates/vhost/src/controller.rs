@@ -538,7 +538,7 @@ fn recover_ring(
                 *queue = restart(VringBase { num: last_avail })?;
             }
             tracing::info!(
-                ctrlr,
+                ctrlr = %ctrlr,
                 index,
                 fresh = recovery.fresh,
                 used_idx,
@@ -553,14 +553,14 @@ fn recover_ring(
             };
             let recovery = tracker.recover(start, |slot| queue.packed_used_flag(slot));
             if let Some(error) = &recovery.refused {
-                tracing::warn!(ctrlr, index, %error, "vhost: inflight region inconsistent; restarted empty, nothing resubmitted");
+                tracing::warn!(ctrlr = %ctrlr, index, %error, "vhost: inflight region inconsistent; restarted empty, nothing resubmitted");
             }
             if let Some((avail, used)) = recovery.positions {
                 queue.set_packed_positions(avail, used);
             }
             let (avail, used) = queue.packed_positions().unwrap_or((start, start));
             tracing::info!(
-                ctrlr,
+                ctrlr = %ctrlr,
                 index,
                 fresh = recovery.fresh,
                 avail_idx = avail.idx,
