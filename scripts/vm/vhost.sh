@@ -57,7 +57,7 @@ head -c "$size" /tmp/ro | cmp - /bin/busybox || fail "vdb does not hold busybox"
 if dd if=/bin/busybox of=/dev/vdb bs=4096 count=1 conv=fsync 2>/dev/null; then
     fail "a write to the read-only disk succeeded"
 fi
-if [ "$1" = reconnect ]; then
+if [ "$1" = reconnect ] || [ "$1" = reconnect-packed ]; then
     # vhost.rw sits on a delay bdev (400 ms per write), so fio's 32 writes are in flight at the
     # target whenever the host kills it (SIGKILL, up to three times, restarting it each time):
     # the writes stall, are resubmitted from the inflight region, and complete without error.
