@@ -944,13 +944,15 @@ impl IdentifyController {
         self.vwc & 1 != 0
     }
 
-    /// Maximum transfer in bytes for `page_size_min_bytes` (CAP.MPSMIN), `None` for no limit.
+    /// Maximum transfer in bytes for `page_size_min_bytes` (CAP.MPSMIN), `None` for no limit
+    /// (MDTS 0, or a limit beyond 64 bits: `checked_shl` alone would let the bits fall off the
+    /// top and turn a huge MDTS into a limit of 0 bytes, found by the nvme_identify fuzz target).
     pub fn max_transfer_bytes(&self, page_size_min_bytes: u64) -> Option<u64> {
         if self.mdts == 0 {
-            None
-        } else {
-            page_size_min_bytes.checked_shl(u32::from(self.mdts))
+            return None;
         }
+        1u64.checked_shl(u32::from(self.mdts))?
+            .checked_mul(page_size_min_bytes)
     }
 }
 
@@ -1558,6 +1560,13 @@ mod tests {
         assert_eq!(id.model, "QEMU NVMe Ctrl");
         assert_eq!(id.firmware, "8.0.0");
         assert_eq!(id.max_transfer_bytes(4096), Some(512 * 1024));
+        // A limit past 64 bits is no limit, never 0 bytes (bits shifted off the top).
+        let huge = IdentifyController {
+            mdts: 42,
+            ..id.clone()
+        };
+        assert_eq!(huge.max_transfer_bytes(4096 << 15), None);
+        assert_eq!(huge.max_transfer_bytes(4096), Some(4096 << 42));
         assert!(id.supports_doorbell_buffer_config());
         assert!(id.supports_sgl());
         assert!(id.has_volatile_write_cache());
