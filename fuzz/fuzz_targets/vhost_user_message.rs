@@ -38,7 +38,8 @@ const HEADER_BYTES: usize = 12;
 const SHARED_FILE_BYTES: u64 = 2 << 20;
 
 struct Fixture {
-    sockets: [PathBuf; 2],
+    /// Split; packed; packed with inflight tracking (`packed_ring_recovery`).
+    sockets: [PathBuf; 3],
     shared: File,
 }
 
@@ -58,7 +59,7 @@ fn fixture() -> &'static Fixture {
             no_huge: true,
         })
         .expect("dma");
-        for name in ["M0", "M1"] {
+        for name in ["M0", "M1", "M2"] {
             malloc::create(
                 &registry,
                 &dma,
@@ -81,6 +82,12 @@ fn fixture() -> &'static Fixture {
         let mut packed = ControllerOptions::new("packed", "M1");
         packed.packed_ring = true;
         target.create_blk_controller(packed).expect("packed");
+        let mut recovery = ControllerOptions::new("packed-recovery", "M2");
+        recovery.packed_ring = true;
+        recovery.packed_ring_recovery = true;
+        target
+            .create_blk_controller(recovery)
+            .expect("packed with recovery");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let _keep = (target, dma);
@@ -101,7 +108,7 @@ fn fixture() -> &'static Fixture {
         std::fs::remove_file(&path).expect("unlink");
         shared.set_len(SHARED_FILE_BYTES).expect("size");
         Fixture {
-            sockets: [dir.join("split"), dir.join("packed")],
+            sockets: [dir.join("split"), dir.join("packed"), dir.join("packed-recovery")],
             shared,
         }
     })
@@ -193,7 +200,7 @@ fuzz_target!(|stream: &[u8]| {
     let Some((&pick, mut rest)) = stream.split_first() else {
         return;
     };
-    let path = &fixture.sockets[usize::from(pick & 1)];
+    let path = &fixture.sockets[usize::from(pick) % 3];
     let mut sock = UnixStream::connect(path).expect("connect");
     sock.set_write_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
