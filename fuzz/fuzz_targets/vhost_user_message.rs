@@ -108,7 +108,11 @@ fn fixture() -> &'static Fixture {
         std::fs::remove_file(&path).expect("unlink");
         shared.set_len(SHARED_FILE_BYTES).expect("size");
         Fixture {
-            sockets: [dir.join("split"), dir.join("packed"), dir.join("packed-recovery")],
+            sockets: [
+                dir.join("split"),
+                dir.join("packed"),
+                dir.join("packed-recovery"),
+            ],
             shared,
         }
     })
