@@ -245,7 +245,10 @@ pub mod opc {
     pub const SET_FEATURES: u8 = 0x09;
     pub const GET_FEATURES: u8 = 0x0a;
     pub const ASYNC_EVENT_REQUEST: u8 = 0x0c;
+    pub const KEEP_ALIVE: u8 = 0x18;
     pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
+    /// Fabrics commands (NVMe over Fabrics 1.1, 6): the type is in FCTYPE ([`super::fctype`]).
+    pub const FABRICS: u8 = 0x7f;
 
     pub const FLUSH: u8 = 0x00;
     pub const WRITE: u8 = 0x01;
@@ -259,6 +262,9 @@ pub mod cns {
     pub const NAMESPACE: u8 = 0x00;
     pub const CONTROLLER: u8 = 0x01;
     pub const ACTIVE_NAMESPACE_LIST: u8 = 0x02;
+    pub const NAMESPACE_DESCRIPTOR_LIST: u8 = 0x03;
+    /// I/O command set specific Identify Controller (CSI in CDW11).
+    pub const CS_CONTROLLER: u8 = 0x06;
 }
 
 /// Feature identifiers (5.27.1).
@@ -271,6 +277,7 @@ pub mod fid {
     pub const NUMBER_OF_QUEUES: u8 = 0x07;
     pub const INTERRUPT_COALESCING: u8 = 0x08;
     pub const ASYNC_EVENT_CONFIG: u8 = 0x0b;
+    pub const KEEP_ALIVE_TIMER: u8 = 0x0f;
 }
 
 /// Log page identifiers (5.16.1).
@@ -278,6 +285,8 @@ pub mod lid {
     pub const ERROR_INFORMATION: u8 = 0x01;
     pub const SMART_HEALTH: u8 = 0x02;
     pub const FIRMWARE_SLOT: u8 = 0x03;
+    /// Discovery log page (NVMe over Fabrics 1.1, 5.3).
+    pub const DISCOVERY: u8 = 0x70;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -562,6 +571,11 @@ pub mod sc {
     pub const ABORTED_BY_REQUEST: u8 = 0x07;
     pub const ABORTED_SQ_DELETION: u8 = 0x08;
     pub const INVALID_NAMESPACE_OR_FORMAT: u8 = 0x0b;
+    pub const COMMAND_SEQUENCE_ERROR: u8 = 0x0c;
+    pub const DATA_SGL_LENGTH_INVALID: u8 = 0x0f;
+    pub const SGL_OFFSET_INVALID: u8 = 0x16;
+    pub const KEEP_ALIVE_TIMEOUT_INVALID: u8 = 0x1a;
+    pub const TRANSIENT_TRANSPORT_ERROR: u8 = 0x22;
     pub const INVALID_SGL_SEGMENT_DESCRIPTOR: u8 = 0x0d;
     pub const SGL_DESCRIPTOR_TYPE_INVALID: u8 = 0x11;
     pub const PRP_OFFSET_INVALID: u8 = 0x13;
@@ -574,6 +588,13 @@ pub mod sc {
     pub const INVALID_LOG_PAGE: u8 = 0x09;
     pub const INVALID_QUEUE_DELETION: u8 = 0x0c;
     pub const FEATURE_NOT_CHANGEABLE: u8 = 0x0e;
+    // Fabrics command specific (NVMe over Fabrics 1.1, Figure 10): Connect and Property
+    // Get / Set.
+    pub const CONNECT_INCOMPATIBLE_FORMAT: u8 = 0x80;
+    pub const CONNECT_CONTROLLER_BUSY: u8 = 0x81;
+    pub const CONNECT_INVALID_PARAMETERS: u8 = 0x82;
+    pub const CONNECT_RESTART_DISCOVERY: u8 = 0x83;
+    pub const CONNECT_INVALID_HOST: u8 = 0x84;
     // Media.
     pub const UNRECOVERED_READ_ERROR: u8 = 0x81;
 }
@@ -850,6 +871,21 @@ pub struct IdentifyController {
     /// SGL Support.
     pub sgls: u32,
     pub subnqn: String,
+    /// Controller type (1 I/O, 2 discovery, 3 administrative; 0 not reported).
+    pub cntrltype: u8,
+    /// Keep Alive Support: granularity in 100 ms units (0: no keep alive).
+    pub kas: u16,
+    /// NVMe over Fabrics: I/O queue command capsule size in 16-byte units (SQE plus
+    /// in-capsule data).
+    pub ioccsz: u32,
+    /// NVMe over Fabrics: I/O queue response capsule size in 16-byte units.
+    pub iorcsz: u32,
+    /// NVMe over Fabrics: in-capsule data offset in 16-byte units (Linux needs 0).
+    pub icdoff: u16,
+    /// NVMe over Fabrics: controller attributes (bit 0: static controller model).
+    pub fcatt: u8,
+    /// NVMe over Fabrics: maximum SGL data block descriptors per command.
+    pub msdbd: u8,
 }
 
 impl IdentifyController {
@@ -885,6 +921,13 @@ impl IdentifyController {
             awupf: le16(b, 528),
             sgls: le32(b, 536),
             subnqn: ascii_field(&b[768..1024]),
+            cntrltype: b[111],
+            kas: le16(b, 320),
+            ioccsz: le32(b, 1792),
+            iorcsz: le32(b, 1796),
+            icdoff: le16(b, 1800),
+            fcatt: b[1802],
+            msdbd: b[1803],
         }
     }
 
@@ -923,6 +966,13 @@ impl IdentifyController {
         let nqn = self.subnqn.as_bytes();
         let n = nqn.len().min(256);
         b[768..768 + n].copy_from_slice(&nqn[..n]);
+        b[111] = self.cntrltype;
+        put16(&mut b, 320, self.kas);
+        put32(&mut b, 1792, self.ioccsz);
+        put32(&mut b, 1796, self.iorcsz);
+        put16(&mut b, 1800, self.icdoff);
+        b[1802] = self.fcatt;
+        b[1803] = self.msdbd;
         b
     }
 
@@ -1326,6 +1376,277 @@ impl SglDescriptor {
 }
 
 // ---------------------------------------------------------------------------------------
+// NVMe over Fabrics (NVMe over Fabrics 1.1): Fabrics commands, Connect data, properties,
+// the discovery log page, Namespace Identification Descriptors (Base 2.0, 5.17.2.3).
+
+/// Fabrics command types (FCTYPE, byte 4 of a Fabrics command; NVMe-oF 1.1 Figure 13).
+pub mod fctype {
+    pub const PROPERTY_SET: u8 = 0x00;
+    pub const CONNECT: u8 = 0x01;
+    pub const PROPERTY_GET: u8 = 0x04;
+    pub const AUTHENTICATION_SEND: u8 = 0x05;
+    pub const AUTHENTICATION_RECEIVE: u8 = 0x06;
+    pub const DISCONNECT: u8 = 0x08;
+}
+
+/// The well-known NQN of a discovery controller (NVMe-oF 1.1, 7.1).
+pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
+/// Identify Controller CNTRLTYPE.
+pub const CNTRLTYPE_IO: u8 = 1;
+pub const CNTRLTYPE_DISCOVERY: u8 = 2;
+/// Connect's CNTLID for "any controller" (the dynamic controller model).
+pub const CNTLID_DYNAMIC: u16 = 0xffff;
+
+/// FCTYPE of a Fabrics command (the low byte of the NSID field's position).
+pub fn fabrics_type(cmd: &Command) -> u8 {
+    cmd.nsid as u8
+}
+
+/// The Connect command's fields (NVMe-oF 1.1, Figure 19).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectCommand {
+    /// Record format (0).
+    pub recfmt: u16,
+    /// Queue to connect (0: admin).
+    pub qid: u16,
+    /// Submission queue size, 0's based.
+    pub sqsize: u16,
+    /// Connect attributes (bit 2: disable SQ flow control).
+    pub cattr: u8,
+    /// Keep Alive Timeout in milliseconds (admin queue only; 0: off).
+    pub kato_ms: u32,
+}
+
+impl ConnectCommand {
+    /// Byte offsets in the SQE, for a Connect Invalid Parameters IPO.
+    pub const QID_OFFSET: u16 = 42;
+    pub const SQSIZE_OFFSET: u16 = 44;
+
+    pub fn from_command(cmd: &Command) -> Self {
+        Self {
+            recfmt: cmd.cdw10 as u16,
+            qid: (cmd.cdw10 >> 16) as u16,
+            sqsize: cmd.cdw11 as u16,
+            cattr: (cmd.cdw11 >> 16) as u8,
+            kato_ms: cmd.cdw12,
+        }
+    }
+
+    /// The Fabrics command (CID, SGL and PSDT left to the transport).
+    pub fn to_command(&self) -> Command {
+        let mut cmd = Command::new(opc::FABRICS);
+        cmd.nsid = u32::from(fctype::CONNECT);
+        cmd.cdw10 = u32::from(self.recfmt) | (u32::from(self.qid) << 16);
+        cmd.cdw11 = u32::from(self.sqsize) | (u32::from(self.cattr) << 16);
+        cmd.cdw12 = self.kato_ms;
+        cmd
+    }
+}
+
+pub const CONNECT_DATA_BYTES: usize = 1024;
+
+/// The Connect command's data (NVMe-oF 1.1, Figure 20).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectData {
+    pub hostid: [u8; 16],
+    /// The controller to connect to: [`CNTLID_DYNAMIC`] for the admin queue, the one the
+    /// admin Connect returned for an I/O queue.
+    pub cntlid: u16,
+    pub subnqn: String,
+    pub hostnqn: String,
+}
+
+impl ConnectData {
+    /// Byte offsets in the data, for a Connect Invalid Parameters IPO.
+    pub const CNTLID_OFFSET: u16 = 16;
+    pub const SUBNQN_OFFSET: u16 = 256;
+    pub const HOSTNQN_OFFSET: u16 = 512;
+
+    pub fn parse(b: &[u8; CONNECT_DATA_BYTES]) -> Self {
+        let mut hostid = [0u8; 16];
+        hostid.copy_from_slice(&b[0..16]);
+        Self {
+            hostid,
+            cntlid: le16(b, 16),
+            subnqn: nqn_field(&b[256..512]),
+            hostnqn: nqn_field(&b[512..768]),
+        }
+    }
+
+    pub fn encode(&self) -> [u8; CONNECT_DATA_BYTES] {
+        let mut b = [0u8; CONNECT_DATA_BYTES];
+        b[0..16].copy_from_slice(&self.hostid);
+        put16(&mut b, 16, self.cntlid);
+        put_nqn(&mut b[256..512], &self.subnqn);
+        put_nqn(&mut b[512..768], &self.hostnqn);
+        b
+    }
+}
+
+/// A Connect response's DW0 on failure with Connect Invalid Parameters (NVMe-oF 1.1,
+/// Figure 21): IATTR (bit 0: the bad field is in the data, else in the command) and IPO (the
+/// byte offset of the field).
+pub fn connect_invalid_dw0(in_data: bool, offset: u16) -> u32 {
+    u32::from(in_data) | (u32::from(offset) << 16)
+}
+
+/// A Property Get / Set command (NVMe-oF 1.1, Figures 23, 25).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PropertyCommand {
+    /// 8-byte property (ATTRIB bits 2:0 = 1), else 4 bytes.
+    pub eight_bytes: bool,
+    pub offset: u32,
+    /// Property Set's value.
+    pub value: u64,
+}
+
+impl PropertyCommand {
+    pub fn from_command(cmd: &Command) -> Self {
+        Self {
+            eight_bytes: cmd.cdw10 & 7 == 1,
+            offset: cmd.cdw11,
+            value: u64::from(cmd.cdw12) | (u64::from(cmd.cdw13) << 32),
+        }
+    }
+
+    pub fn to_command(&self, fabrics_type: u8) -> Command {
+        let mut cmd = Command::new(opc::FABRICS);
+        cmd.nsid = u32::from(fabrics_type);
+        cmd.cdw10 = u32::from(self.eight_bytes);
+        cmd.cdw11 = self.offset;
+        cmd.cdw12 = self.value as u32;
+        cmd.cdw13 = (self.value >> 32) as u32;
+        cmd
+    }
+}
+
+/// Discovery log page (NVMe-oF 1.1, Figures 30, 31): a 1024-byte header then 1024-byte entries.
+pub const DISCOVERY_LOG_HEADER_BYTES: usize = 1024;
+pub const DISCOVERY_LOG_ENTRY_BYTES: usize = 1024;
+/// TRTYPE: TCP.
+pub const TRTYPE_TCP: u8 = 3;
+/// ADRFAM: IPv4, IPv6.
+pub const ADRFAM_IPV4: u8 = 1;
+pub const ADRFAM_IPV6: u8 = 2;
+/// SUBTYPE: a discovery service referral, an NVM subsystem, the current discovery subsystem.
+pub const SUBTYPE_DISCOVERY_REFERRAL: u8 = 1;
+pub const SUBTYPE_NVME: u8 = 2;
+pub const SUBTYPE_CURRENT_DISCOVERY: u8 = 3;
+/// TREQ: secure channel not required.
+pub const TREQ_SECURE_CHANNEL_NOT_REQUIRED: u8 = 2;
+
+/// The discovery log page header's fields.
+pub fn encode_discovery_log_header(genctr: u64, numrec: u64) -> [u8; DISCOVERY_LOG_HEADER_BYTES] {
+    let mut b = [0u8; DISCOVERY_LOG_HEADER_BYTES];
+    put64(&mut b, 0, genctr);
+    put64(&mut b, 8, numrec);
+    // RECFMT 0.
+    b
+}
+
+/// One discovery log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveryLogEntry {
+    pub trtype: u8,
+    pub adrfam: u8,
+    pub subtype: u8,
+    pub treq: u8,
+    pub portid: u16,
+    pub cntlid: u16,
+    /// Admin max SQ size.
+    pub asqsz: u16,
+    pub eflags: u16,
+    /// Transport service identifier (the TCP port, in ASCII).
+    pub trsvcid: String,
+    pub subnqn: String,
+    /// Transport address (the IP address, in ASCII).
+    pub traddr: String,
+    /// TCP: security type (0: none).
+    pub tsas_sectype: u8,
+}
+
+impl DiscoveryLogEntry {
+    pub fn encode(&self) -> [u8; DISCOVERY_LOG_ENTRY_BYTES] {
+        let mut b = [0u8; DISCOVERY_LOG_ENTRY_BYTES];
+        b[0] = self.trtype;
+        b[1] = self.adrfam;
+        b[2] = self.subtype;
+        b[3] = self.treq;
+        put16(&mut b, 4, self.portid);
+        put16(&mut b, 6, self.cntlid);
+        put16(&mut b, 8, self.asqsz);
+        put16(&mut b, 10, self.eflags);
+        // TRSVCID and TRADDR are space padded, SUBNQN NUL padded (Figure 31).
+        put_ascii(&mut b[32..64], &self.trsvcid);
+        put_nqn(&mut b[256..512], &self.subnqn);
+        put_ascii(&mut b[512..768], &self.traddr);
+        b[768] = self.tsas_sectype;
+        b
+    }
+
+    pub fn parse(b: &[u8; DISCOVERY_LOG_ENTRY_BYTES]) -> Self {
+        Self {
+            trtype: b[0],
+            adrfam: b[1],
+            subtype: b[2],
+            treq: b[3],
+            portid: le16(b, 4),
+            cntlid: le16(b, 6),
+            asqsz: le16(b, 8),
+            eflags: le16(b, 10),
+            trsvcid: ascii_field(&b[32..64]),
+            subnqn: nqn_field(&b[256..512]),
+            traddr: ascii_field(&b[512..768]),
+            tsas_sectype: b[768],
+        }
+    }
+}
+
+/// Namespace Identification Descriptor types (Base 2.0, Figure 281).
+pub mod nidt {
+    pub const EUI64: u8 = 1;
+    pub const NGUID: u8 = 2;
+    pub const UUID: u8 = 3;
+    pub const CSI: u8 = 4;
+}
+
+/// Writes a Namespace Identification Descriptor list (CNS 03h) holding `ids` (type, value),
+/// in order, into a 4096-byte page; descriptors that do not fit are left out.
+pub fn encode_ns_descriptors(ids: &[(u8, &[u8])]) -> [u8; IDENTIFY_BYTES] {
+    let mut b = [0u8; IDENTIFY_BYTES];
+    let mut at = 0usize;
+    for (nidt, value) in ids {
+        let end = at + 4 + value.len();
+        // The list ends with a zeroed descriptor header: keep room for it.
+        if value.is_empty() || value.len() > 255 || end + 4 > IDENTIFY_BYTES {
+            break;
+        }
+        b[at] = *nidt;
+        b[at + 1] = value.len() as u8;
+        b[at + 4..end].copy_from_slice(value);
+        at = end;
+    }
+    b
+}
+
+/// An NQN field: UTF-8 up to the first NUL (NVMe-oF 1.1, 7.9); control characters and
+/// invalid bytes replaced, so a hostile peer cannot inject them in logs.
+fn nqn_field(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end])
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// Writes an NQN NUL padded (at most 255 bytes, so a NUL always ends it).
+fn put_nqn(b: &mut [u8], s: &str) {
+    b.fill(0);
+    let n = s.len().min(b.len().saturating_sub(1));
+    b[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+// ---------------------------------------------------------------------------------------
 // Little-endian helpers: callers pass constant offsets inside fixed-size arrays.
 
 fn le16(b: &[u8], off: usize) -> u16 {
@@ -1656,5 +1977,53 @@ mod tests {
         };
         assert_eq!(SglDescriptor::from_dptr(d.to_dptr()), d);
         assert_eq!(d.encode()[15], 0x30);
+    }
+
+    #[test]
+    fn fabrics_structures_round_trip() {
+        let data = ConnectData {
+            hostid: [7; 16],
+            cntlid: CNTLID_DYNAMIC,
+            subnqn: "nqn.2016-06.io.spdk:cnode1".to_string(),
+            hostnqn: "nqn.2014-08.org.nvmexpress:uuid:1".to_string(),
+        };
+        let bytes = data.encode();
+        assert_eq!(&bytes[256..282], b"nqn.2016-06.io.spdk:cnode1");
+        assert_eq!(ConnectData::parse(&bytes), data);
+        let connect = ConnectCommand {
+            recfmt: 0,
+            qid: 2,
+            sqsize: 127,
+            cattr: 0,
+            kato_ms: 5000,
+        };
+        let cmd = connect.to_command();
+        assert_eq!(cmd.encode()[42], 2, "QID at byte 42");
+        assert_eq!(fabrics_type(&cmd), fctype::CONNECT);
+        assert_eq!(
+            ConnectCommand::from_command(&Command::decode(&cmd.encode())),
+            connect
+        );
+        let entry = DiscoveryLogEntry {
+            trtype: TRTYPE_TCP,
+            adrfam: ADRFAM_IPV4,
+            subtype: SUBTYPE_NVME,
+            treq: TREQ_SECURE_CHANNEL_NOT_REQUIRED,
+            portid: 1,
+            cntlid: CNTLID_DYNAMIC,
+            asqsz: 32,
+            eflags: 0,
+            trsvcid: "4420".to_string(),
+            subnqn: "nqn.2016-06.io.spdk:cnode1".to_string(),
+            traddr: "127.0.0.1".to_string(),
+            tsas_sectype: 0,
+        };
+        let bytes = entry.encode();
+        assert_eq!(&bytes[32..38], b"4420  ");
+        assert_eq!(DiscoveryLogEntry::parse(&bytes), entry);
+        let page = encode_ns_descriptors(&[(nidt::UUID, &[1; 16]), (nidt::CSI, &[0])]);
+        assert_eq!(&page[..4], &[nidt::UUID, 16, 0, 0]);
+        assert_eq!(&page[20..25], &[nidt::CSI, 1, 0, 0, 0]);
+        assert_eq!(page[25..].iter().filter(|&&b| b != 0).count(), 0);
     }
 }
