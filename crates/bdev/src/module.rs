@@ -136,9 +136,68 @@ pub trait BackendChannel: Send {
     /// A module that returns an fd guarantees that, once `poll` returned, everything queued
     /// was handed to the device or kernel, or the fd is readable: sleeping until the fd is
     /// readable loses no I/O. The owner consumes the readiness (for an eventfd, a read)
-    /// before it polls.
+    /// before it polls. The fds by module: malloc and null, an eventfd signalled when a
+    /// completion lands in an empty queue ([`SyncWake`]); aio, the eventfd the kernel
+    /// signals per completion (`IOCB_FLAG_RESFD`); uring, the ring's registered eventfd;
+    /// virtio_blk, the virtqueue's call eventfd (the channel asks the device for used-buffer
+    /// notifications only while it waits); nvme, a periodic timerfd armed while commands are
+    /// outstanding (the polled driver has no interrupt). Asking for the fd is what turns the
+    /// wake-ups on: a poll-mode owner never asks and never pays for them.
     fn interrupt_fd(&self) -> Option<BorrowedFd<'_>> {
         None
+    }
+}
+
+/// The wake-up of a module that completes inside `submit` (malloc, null): an eventfd created
+/// by the first [`SyncWake::fd`] call and signalled, from then on, when a completion lands in
+/// an empty [`CompletionQueue`] (one write per batch, not per I/O: a queue that already holds
+/// completions has signalled). Before that call (poll mode) completing costs one branch.
+#[derive(Debug, Default)]
+pub struct SyncWake {
+    fd: std::cell::OnceCell<Option<pollux_env::wake::WakeFd>>,
+}
+
+impl SyncWake {
+    /// Queues the completion of `slot`, signalling the fd when the queue was empty.
+    #[inline]
+    pub fn complete(&self, done: &mut CompletionQueue, slot: u16, status: IoStatus) {
+        if let Some(Some(fd)) = self.fd.get() {
+            if done.is_empty() {
+                fd.signal();
+            }
+        }
+        done.complete(slot, status);
+    }
+
+    /// The eventfd (created at the first call; `None` when the system refused one, logged:
+    /// the owner then keeps polling).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd
+            .get_or_init(|| match pollux_env::wake::WakeFd::new() {
+                Ok(fd) => Some(fd),
+                Err(error) => {
+                    tracing::warn!(%error, "bdev: eventfd for interrupt mode");
+                    None
+                }
+            })
+            .as_ref()
+            .map(std::os::fd::AsFd::as_fd)
+    }
+
+    /// The fd if [`SyncWake::fd`] created it already (interrupt mode), without creating it.
+    #[inline]
+    pub fn active_fd(&self) -> Option<BorrowedFd<'_>> {
+        match self.fd.get() {
+            Some(Some(fd)) => Some(std::os::fd::AsFd::as_fd(fd)),
+            _ => None,
+        }
+    }
+
+    /// Signals the fd, if there is one (work left for the next poll).
+    pub fn signal(&self) {
+        if let Some(Some(fd)) = self.fd.get() {
+            fd.signal();
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`pool`]: fixed-size buffer pools with a per-thread cache.
 //! - [`memmap`]: virtual address -> IOVA translation for registered regions.
 //! - [`pci`] / [`vfio`]: PCI addresses, VFIO container/group/device, BAR mapping, DMA mapping.
+//! - [`wake`]: non-blocking eventfd and periodic timerfd, the wake-up fds of interrupt mode.
 //! - [`error_chain`]: an error and its causes on one line, as every layer reports them.
 
 pub mod cpumask;
@@ -16,6 +17,7 @@ pub mod pci;
 pub mod pool;
 pub mod topology;
 pub mod vfio;
+pub mod wake;
 
 /// `error` and each of its causes, joined by `": "` (the form the apps print on failure and the
 /// RPC server puts in its error messages).

@@ -16,6 +16,12 @@
 //! to the kernel with one `io_submit`, then reaps with `io_getevents` (zero timeout), which
 //! it skips when the completion ring, read from user space, is empty.
 //!
+//! Interrupt mode: [`BackendChannel::interrupt_fd`] creates an eventfd the first time it is
+//! asked; every iocb queued from then on carries `IOCB_FLAG_RESFD` with it, so the kernel
+//! signals it per completion (SPDK's aio bdev does the same). A poll that leaves work for the
+//! next one (iocbs the kernel did not take, synchronous operations past the per-poll limit)
+//! signals it too. Poll-mode owners never ask, and so never pay for the signal.
+//!
 //! With O_DIRECT the bdev's required alignment is the logical block size (512 or 4096 bytes
 //! typically), and the kernel also wants every iovec's length to be a multiple of it: an I/O
 //! whose iovecs are not completes with [`IoStatus::Misaligned`].
@@ -24,18 +30,21 @@ pub(crate) mod file;
 mod sys;
 
 use std::collections::VecDeque;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::{CreateContext, Params, PendingBdev};
 use crate::error::BdevError;
-use crate::module::{BackendChannel, BdevBackend, CompletionQueue, IoRequest};
+use crate::module::{BackendChannel, BdevBackend, CompletionQueue, IoRequest, SyncWake};
 use crate::types::{BdevInfo, BdevSpec, IoStatus, IoType, Uuid};
 use crate::BdevRegistry;
 
 pub use file::FileBdevError;
 use file::{BackingFile, KernelIovec, IOVS_RESERVED_PER_SLOT, MAX_IOVS_PER_IO};
-use sys::{AioContext, IoEvent, Iocb, IOCB_CMD_FDSYNC, IOCB_CMD_PREADV, IOCB_CMD_PWRITEV};
+use sys::{
+    AioContext, IoEvent, Iocb, IOCB_CMD_FDSYNC, IOCB_CMD_PREADV, IOCB_CMD_PWRITEV, IOCB_FLAG_RESFD,
+};
 
 /// The configuration method.
 pub const METHOD: &str = "bdev_aio_create";
@@ -119,6 +128,7 @@ impl BdevBackend for AioBackend {
             deferred: VecDeque::with_capacity(depth),
             in_kernel: 0,
             fdsync_async: true,
+            wake: SyncWake::default(),
         }))
     }
 
@@ -164,6 +174,8 @@ struct AioChannel {
     in_kernel: usize,
     /// `IOCB_CMD_FDSYNC` works on this file (cleared at its first EINVAL).
     fdsync_async: bool,
+    /// Interrupt mode: the eventfd iocbs name with `IOCB_FLAG_RESFD`.
+    wake: SyncWake,
 }
 
 impl AioChannel {
@@ -172,6 +184,10 @@ impl AioChannel {
     fn queue(&mut self, slot: u16, opcode: u16, offset: i64, expected_bytes: u64) {
         let index = usize::from(slot);
         let iovs = &self.iovs[index];
+        let (aio_flags, aio_resfd) = match self.wake.active_fd() {
+            Some(fd) => (IOCB_FLAG_RESFD, fd.as_raw_fd() as u32),
+            None => (0, 0),
+        };
         self.iocbs[index] = Iocb {
             aio_data: u64::from(slot),
             aio_lio_opcode: opcode,
@@ -179,6 +195,8 @@ impl AioChannel {
             aio_buf: iovs.as_ptr() as u64,
             aio_nbytes: iovs.len() as u64,
             aio_offset: offset,
+            aio_flags,
+            aio_resfd,
             ..Iocb::default()
         };
         self.expected_bytes[index] = expected_bytes;
@@ -284,7 +302,7 @@ impl AioChannel {
 impl BackendChannel for AioChannel {
     fn submit(&mut self, io: &IoRequest<'_>, done: &mut CompletionQueue) {
         let Some(offset) = self.file.byte_offset(io.offset_blocks) else {
-            done.complete(io.slot, IoStatus::OutOfRange);
+            self.wake.complete(done, io.slot, IoStatus::OutOfRange);
             return;
         };
         let len_bytes = io
@@ -293,11 +311,11 @@ impl BackendChannel for AioChannel {
         match io.io_type {
             IoType::Read | IoType::Write => {
                 if io.iovs.len() > MAX_IOVS_PER_IO {
-                    done.complete(io.slot, IoStatus::Failed);
+                    self.wake.complete(done, io.slot, IoStatus::Failed);
                     return;
                 }
                 if !self.file.iov_lengths_ok(io.iovs) {
-                    done.complete(io.slot, IoStatus::Misaligned);
+                    self.wake.complete(done, io.slot, IoStatus::Misaligned);
                     return;
                 }
                 let iovs = &mut self.iovs[usize::from(io.slot)];
@@ -326,13 +344,22 @@ impl BackendChannel for AioChannel {
                 };
                 self.deferred.push_back((io.slot, op));
             }
-            IoType::Reset => done.complete(io.slot, IoStatus::Unsupported),
+            IoType::Reset => self.wake.complete(done, io.slot, IoStatus::Unsupported),
         }
     }
 
     fn poll(&mut self, done: &mut CompletionQueue) -> usize {
         let failed = self.submit_pending(done);
-        failed + self.reap(done) + self.run_sync_ops(done)
+        let count = failed + self.reap(done) + self.run_sync_ops(done);
+        if !self.pending.is_empty() || !self.deferred.is_empty() {
+            // Work left for the next poll, which no kernel event announces.
+            self.wake.signal();
+        }
+        count
+    }
+
+    fn interrupt_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.wake.fd()
     }
 }
 

@@ -14,6 +14,9 @@ pub(crate) const IOCB_CMD_PREADV: u16 = 7;
 /// `IOCB_CMD_PWRITEV`.
 pub(crate) const IOCB_CMD_PWRITEV: u16 = 8;
 
+/// `IOCB_FLAG_RESFD`: the kernel signals the eventfd in `aio_resfd` when the iocb completes.
+pub(crate) const IOCB_FLAG_RESFD: u32 = 1;
+
 /// `AIO_RING_MAGIC` of `fs/aio.c`: the header below is the kernel's ring.
 const AIO_RING_MAGIC: u32 = 0xa10a_10a1;
 

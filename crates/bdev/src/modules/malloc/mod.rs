@@ -13,7 +13,7 @@ use pollux_env::dma::{DmaBuffer, DmaMemory};
 use crate::bdev::validate_spec;
 use crate::config::{CreateContext, Params, PendingBdev};
 use crate::error::BdevError;
-use crate::module::{BackendChannel, BdevBackend, CompletionQueue, IoRequest};
+use crate::module::{BackendChannel, BdevBackend, CompletionQueue, IoRequest, SyncWake};
 use crate::types::{BdevInfo, BdevSpec, IoStatus, IoType, IoVec, Uuid};
 use crate::BdevRegistry;
 
@@ -123,6 +123,7 @@ impl BdevBackend for MallocBackend {
     fn create_channel(&self, _queue_depth: u16) -> Result<Box<dyn BackendChannel>, BdevError> {
         Ok(Box::new(MallocChannel {
             disk: self.disk.clone(),
+            wake: SyncWake::default(),
         }))
     }
 
@@ -141,6 +142,8 @@ impl BdevBackend for MallocBackend {
 
 struct MallocChannel {
     disk: Arc<MallocDisk>,
+    /// Interrupt mode: see [`SyncWake`].
+    wake: SyncWake,
 }
 
 impl BackendChannel for MallocChannel {
@@ -149,7 +152,7 @@ impl BackendChannel for MallocChannel {
         let to_bytes = |blocks: u64| usize::try_from(blocks.saturating_mul(block_size)).ok();
         let (Some(offset), Some(len)) = (to_bytes(io.offset_blocks), to_bytes(io.num_blocks))
         else {
-            done.complete(io.slot, IoStatus::OutOfRange);
+            self.wake.complete(done, io.slot, IoStatus::OutOfRange);
             return;
         };
         let status = match io.io_type {
@@ -159,7 +162,11 @@ impl BackendChannel for MallocChannel {
             // RAM has no volatile cache to flush and nothing queued to reset.
             IoType::Flush | IoType::Reset => IoStatus::Success,
         };
-        done.complete(io.slot, status);
+        self.wake.complete(done, io.slot, status);
+    }
+
+    fn interrupt_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.wake.fd()
     }
 }
 
