@@ -49,6 +49,7 @@ use pollux_bdev::{
 };
 use pollux_env::dma::DmaMemory;
 use pollux_env::pci::PciAddress;
+use pollux_env::wake::WakeTimer;
 
 use crate::ctrlr::{Controller, ControllerOptions, ControllerState, Namespace};
 use crate::error::NvmeError;
@@ -715,6 +716,7 @@ impl<R: Registers + 'static> BdevBackend for NvmeBdev<R> {
             splits: vec![Split::default(); usize::from(queue_depth)],
             split_iovs: (0..queue_depth).map(|_| Vec::new()).collect(),
             pending_splits: VecDeque::with_capacity(usize::from(queue_depth)),
+            timer: std::cell::OnceCell::new(),
         }))
     }
 
@@ -761,7 +763,15 @@ struct NvmeChannel<R: Registers> {
     split_iovs: Vec<Vec<IoVec>>,
     /// Slots of split I/Os with children waiting for a free queue pair slot, oldest first.
     pending_splits: VecDeque<u16>,
+    /// Interrupt mode: the polled driver raises no interrupt, so a periodic timer armed
+    /// while commands are outstanding wakes the owner to poll (created by the first
+    /// `interrupt_fd` call; `None` inside when the system refused a timerfd).
+    timer: std::cell::OnceCell<Option<WakeTimer>>,
 }
+
+/// How often an interrupt-mode owner with commands outstanding is woken to poll: the most a
+/// completion waits once its reactor sleeps. No timer runs while nothing is outstanding.
+pub const INTERRUPT_POLL_PERIOD: std::time::Duration = std::time::Duration::from_micros(20);
 
 /// A read or write cut into commands of at most the maximum transfer.
 #[derive(Debug, Default, Clone, Copy)]
@@ -1058,8 +1068,35 @@ impl<R: Registers + 'static> BackendChannel for NvmeChannel<R> {
             return 0;
         };
         let count = self.poll_qpair(&mut qpair, done);
+        if let Some(Some(timer)) = self.timer.get_mut() {
+            // Armed while anything needs a later poll (commands in the pair, split children
+            // waiting for a slot, a pair to reconnect); one system call per change only.
+            let waiting =
+                qpair.in_flight() > 0 || !self.pending_splits.is_empty() || qpair.is_disconnected();
+            let result = if waiting {
+                timer.start(INTERRUPT_POLL_PERIOD)
+            } else {
+                timer.stop()
+            };
+            if let Err(error) = result {
+                tracing::warn!(bdev = %self.bdev_name, %error, "nvme: interrupt-mode poll timer");
+            }
+        }
         self.qpair = Some(qpair);
         count
+    }
+
+    fn interrupt_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.timer
+            .get_or_init(|| match WakeTimer::new() {
+                Ok(timer) => Some(timer),
+                Err(error) => {
+                    tracing::warn!(bdev = %self.bdev_name, %error, "nvme: timerfd for interrupt mode");
+                    None
+                }
+            })
+            .as_ref()
+            .map(std::os::fd::AsFd::as_fd)
     }
 }
 

@@ -529,3 +529,44 @@ fn io_above_the_maximum_transfer_is_split() {
         "SGLs, no bounce"
     );
 }
+
+/// Interrupt mode: the channel's wake-up fd is a timer armed only while commands are
+/// outstanding (the polled driver raises no interrupt). Bounded waits, nothing timed.
+#[test]
+fn interrupt_timer_runs_only_while_commands_are_outstanding() {
+    use std::os::fd::AsFd;
+    let setup = attach(vec![(1024, 512)]);
+    let desc = setup.registry.open("Nvme0n1", true, None).expect("open");
+    let mut channel = desc.channel(8).expect("channel");
+    let fd = channel
+        .interrupt_fd()
+        .expect("a wake-up fd")
+        .try_clone_to_owned()
+        .expect("dup");
+    let drain = || pollux_env::wake::drain(fd.as_fd());
+    channel.poll(|_, _| {});
+    std::thread::sleep(bdev::INTERRUPT_POLL_PERIOD * 5);
+    assert_eq!(drain(), 0, "idle: no timer");
+
+    setup.model.set_auto_execute(false);
+    let mut data = buffer(&setup.mem, 512);
+    channel.read(1, 0, 1, &[iov(&mut data)]).expect("read");
+    assert_eq!(channel.poll(|_, _| {}), 0, "the model holds the command");
+    let mut fired = 0;
+    for _ in 0..2000 {
+        fired = drain();
+        if fired > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        fired > 0,
+        "the timer wakes the owner while a command is outstanding"
+    );
+    setup.model.step();
+    assert_eq!(one(&mut channel), IoStatus::Success);
+    drain();
+    std::thread::sleep(bdev::INTERRUPT_POLL_PERIOD * 5);
+    assert_eq!(drain(), 0, "idle again: the timer stopped");
+}
