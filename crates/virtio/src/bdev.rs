@@ -28,7 +28,7 @@
 //! maps); any other buffer fails its I/O with a log line instead of reaching the device.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -50,7 +50,7 @@ use crate::blk::{
 };
 use crate::device::{BlkDevice, DeviceOptions, QueueSet};
 use crate::error::VirtioError;
-use crate::mem::hung_up;
+use crate::mem::{hung_up, owned_eventfd};
 use crate::queue::{AddError, Buffer};
 
 /// The attach method.
@@ -240,6 +240,9 @@ struct Controller {
     failed: AtomicBool,
     dma: Arc<DmaMemory>,
     limits: Limits,
+    /// Duplicates of the queues' call eventfds: a failure wakes every interrupt-mode
+    /// channel sleeping on one, so that it fails its I/O back.
+    calls: Vec<vmm_sys_util::eventfd::EventFd>,
 }
 
 impl Controller {
@@ -251,6 +254,9 @@ impl Controller {
                 reason,
                 "virtio_blk: controller failed: outstanding and new I/O fail, the bdev is removed"
             );
+            for call in &self.calls {
+                let _ = call.write(1);
+            }
         }
     }
 }
@@ -347,8 +353,10 @@ impl VirtioModule {
             required_alignment_bytes: 1,
             write_cache: limits.flush,
         };
+        let calls = device.call_fds();
         let controller = Arc::new(Controller {
             options,
+            calls,
             device: Mutex::new(device),
             hangup,
             failed: AtomicBool::new(false),
@@ -515,6 +523,7 @@ impl BdevBackend for VirtioBlkBdev {
             max_per_poll: depth.min(MAX_COMPLETIONS_PER_POLL),
             polls: 0,
             failed: false,
+            call_fd: std::cell::OnceCell::new(),
         }))
     }
 
@@ -577,6 +586,10 @@ struct VirtioChannel {
     polls: u32,
     /// This channel already failed everything back.
     failed: bool,
+    /// Interrupt mode: a duplicate of the queue's call eventfd, created by the first
+    /// `interrupt_fd` call (`None` inside when it could not be duplicated). From then on a
+    /// poll that leaves chains in flight and reaps nothing asks the device to notify.
+    call_fd: std::cell::OnceCell<Option<OwnedFd>>,
 }
 
 impl VirtioChannel {
@@ -876,12 +889,50 @@ impl BackendChannel for VirtioChannel {
             return self.fail_all(done);
         }
         self.retry_pending(done);
-        match self.reap(done) {
+        let count = match self.reap(done) {
             Ok(count) => count,
             Err(error) => {
                 self.ctrlr.fail(&error.to_string());
-                self.fail_all(done)
+                return self.fail_all(done);
             }
+        };
+        if matches!(self.call_fd.get(), Some(Some(_))) {
+            self.arm_call(count);
+        }
+        count
+    }
+
+    fn interrupt_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.call_fd
+            .get_or_init(|| {
+                let set = self.set.as_ref()?;
+                match owned_eventfd(&set.call) {
+                    Ok(fd) => Some(fd),
+                    Err(error) => {
+                        tracing::warn!(bdev = %self.ctrlr.options.name, %error, "virtio_blk: duplicating the call eventfd for interrupt mode");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+            .map(AsFd::as_fd)
+    }
+}
+
+impl VirtioChannel {
+    /// Interrupt mode, after a poll that reaped `reaped`: a poll that reaped is followed by
+    /// another (the owner is busy), so notifications go off; one that reaped nothing with
+    /// chains in flight is where the owner may sleep, so they go on, and an entry the device
+    /// published before it saw them makes the call fd readable here (the device will not
+    /// notify for it).
+    fn arm_call(&mut self, reaped: usize) {
+        let Some(set) = self.set.as_mut() else {
+            return;
+        };
+        if reaped > 0 || set.queue.chains_in_flight() == 0 {
+            set.queue.disable_used_notifications();
+        } else if set.queue.enable_used_notifications() {
+            let _ = set.call.write(1);
         }
     }
 }

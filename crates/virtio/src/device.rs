@@ -46,8 +46,9 @@ pub struct QueueSet {
     pub queue: Virtqueue,
     /// Written to notify the device (when [`Virtqueue::publish`] says so).
     pub kick: EventFd,
-    /// Given to the device as its call fd; the driver polls and suppresses used-buffer
-    /// notifications, so it stays quiet (back-ends insist on having one).
+    /// Given to the device as its call fd. The driver polls and suppresses used-buffer
+    /// notifications, so it stays quiet (back-ends insist on having one), except while an
+    /// interrupt-mode owner waits on it (`Virtqueue::enable_used_notifications`).
     pub call: EventFd,
 }
 
@@ -273,6 +274,16 @@ impl BlkDevice {
     /// Takes a free queue (`None`: every queue is in use).
     pub fn take_queue(&mut self) -> Option<QueueSet> {
         self.pool.iter_mut().find_map(Option::take)
+    }
+
+    /// Duplicates of every pooled queue's call eventfd (written to wake channels that sleep
+    /// on them when the controller fails).
+    pub fn call_fds(&self) -> Vec<EventFd> {
+        self.pool
+            .iter()
+            .flatten()
+            .filter_map(|set| set.call.try_clone().ok())
+            .collect()
     }
 
     /// Gives a queue back to the pool.

@@ -1,5 +1,5 @@
-//! Volatile, bounds-checked access to ring memory shared with the device, and the hang-up
-//! check of a back-end's socket: the crate's only `unsafe`.
+//! Volatile, bounds-checked access to ring memory shared with the device, the hang-up
+//! check of a back-end's socket, and an owned copy of an eventfd: the crate's only `unsafe`.
 //!
 //! The memory is a [`DmaBuffer`] that a back-end process maps too and writes at any moment,
 //! so it never becomes a Rust reference (STYLE #2): every access is a volatile load or store
@@ -7,7 +7,7 @@
 //! Ordering between the two sides is given by the fences of [`fence_release`],
 //! [`fence_acquire`] and [`fence_full`] (SPDK's `virtio_wmb` / `virtio_rmb` / `virtio_mb`).
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{fence, Ordering};
 
 use pollux_env::dma::DmaBuffer;
@@ -123,4 +123,13 @@ pub(crate) fn hung_up(fd: BorrowedFd<'_>) -> bool {
     let rc = unsafe { libc::poll(&mut pollfd, 1, 0) };
     rc > 0
         && pollfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+/// A duplicate of `fd` as an [`OwnedFd`] (what the reactor registers: `vmm-sys-util`'s
+/// `EventFd` has no `AsFd`).
+pub(crate) fn owned_eventfd(fd: &vmm_sys_util::eventfd::EventFd) -> std::io::Result<OwnedFd> {
+    let raw = fd.try_clone()?.into_raw_fd();
+    // SAFETY: `into_raw_fd` handed over the only owner of a valid, open descriptor (a fresh
+    // duplicate), so the `OwnedFd` becomes its sole owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }

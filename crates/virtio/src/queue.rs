@@ -13,9 +13,14 @@
 //! - **Poll** ([`Virtqueue::poll_used`]): at most `max` used entries per call (STYLE #4),
 //!   each checked: its id names a chain in flight, else the ring is broken and the queue
 //!   reports it (the device is hostile, STYLE #3), never indexes out of bounds.
-//! - Used-buffer notifications (device -> driver interrupts) are always suppressed: the
-//!   driver polls. Split: `VIRTQ_AVAIL_F_NO_INTERRUPT`, or with EVENT_IDX `used_event` kept
-//!   just behind the driver's position; packed: `RING_EVENT_FLAGS_DISABLE`.
+//! - Used-buffer notifications (device -> driver interrupts) are suppressed while the driver
+//!   polls. Split: `VIRTQ_AVAIL_F_NO_INTERRUPT`, or with EVENT_IDX `used_event` kept just
+//!   behind the driver's position; packed: `RING_EVENT_FLAGS_DISABLE`. An interrupt-mode
+//!   owner that is about to sleep with chains in flight turns them on
+//!   ([`Virtqueue::enable_used_notifications`]: the flag cleared, `used_event` at the next
+//!   entry, packed `RING_EVENT_FLAGS_ENABLE`) and then looks at the used ring once more, so
+//!   that an entry the device published before it saw the change is not slept through
+//!   (virtio 1.2 §2.7.10 / §2.8.10); the next poll that reaps turns them off again.
 //!
 //! Nothing allocates after [`Virtqueue::new`]: descriptor free lists, chain lengths and
 //! tokens live in arrays of the queue size.
@@ -137,6 +142,8 @@ pub struct Virtqueue {
     chains: Chains,
     num_free: u16,
     chains_in_flight: u16,
+    /// Used-buffer notifications are asked for (interrupt mode, waiting).
+    used_notifications: bool,
 }
 
 impl std::fmt::Debug for Virtqueue {
@@ -234,6 +241,7 @@ impl Virtqueue {
             chains: Chains::new(size),
             num_free: size,
             chains_in_flight: 0,
+            used_notifications: false,
         };
         queue.suppress_used_notifications();
         Ok(queue)
@@ -257,6 +265,63 @@ impl Virtqueue {
                 // Driver event suppression (§2.8.10): no used-buffer notifications.
                 let offset = packed.driver_event_offset + PackedEvent::FLAGS_OFFSET;
                 self.mem.write_u16(offset, RING_EVENT_FLAGS_DISABLE);
+            }
+        }
+    }
+
+    /// Asks the device for a used-buffer notification (the call eventfd) when it next
+    /// returns a chain, then re-checks the ring: true when a used entry is already there (the
+    /// device may have published it before it saw the request, and will not notify for it:
+    /// poll instead of sleeping). The full fence orders the request before the re-check, as
+    /// the device orders its used-index store before reading the request (§2.7.10, §2.8.10).
+    pub fn enable_used_notifications(&mut self) -> bool {
+        if !self.used_notifications {
+            self.used_notifications = true;
+            match &self.ring {
+                Ring::Split(split) => {
+                    if self.event_idx {
+                        // Notify when the entry at `last_used_idx` is used (§2.7.10).
+                        let used_event = split.avail_offset + split.layout.used_event_offset();
+                        self.mem.write_u16(used_event, split.last_used_idx);
+                    } else {
+                        let flags = split.avail_offset + SplitLayout::AVAIL_FLAGS_OFFSET;
+                        self.mem.write_u16(flags, 0);
+                    }
+                }
+                Ring::Packed(packed) => {
+                    let flags = packed.driver_event_offset + PackedEvent::FLAGS_OFFSET;
+                    self.mem.write_u16(flags, RING_EVENT_FLAGS_ENABLE);
+                }
+            }
+        }
+        fence_full();
+        self.has_used()
+    }
+
+    /// Stops asking for used-buffer notifications (the owner polls again).
+    pub fn disable_used_notifications(&mut self) {
+        if std::mem::take(&mut self.used_notifications) {
+            self.suppress_used_notifications();
+        }
+    }
+
+    /// Whether a used entry waits (one index or flags load).
+    fn has_used(&self) -> bool {
+        match &self.ring {
+            Ring::Split(split) => {
+                self.mem
+                    .read_u16(split.used_offset + SplitLayout::USED_IDX_OFFSET)
+                    != split.last_used_idx
+            }
+            Ring::Packed(packed) => {
+                if self.chains_in_flight == 0 {
+                    return false;
+                }
+                let offset = packed.layout.desc_offset(packed.next_used);
+                let flags = self.mem.read_u16(offset + PackedDesc::FLAGS_OFFSET);
+                let avail = flags & VIRTQ_DESC_F_AVAIL != 0;
+                let used = flags & VIRTQ_DESC_F_USED != 0;
+                avail == used && used == packed.used_wrap
             }
         }
     }
@@ -458,7 +523,9 @@ impl Virtqueue {
                     on_used(self.chains.token[usize::from(head)], len);
                 }
                 if self.event_idx && count > 0 {
-                    // Keep `used_event` behind the device: no used-buffer notification.
+                    // Keep `used_event` behind the device: no used-buffer notification (an
+                    // interrupt-mode owner asks again before it sleeps).
+                    self.used_notifications = false;
                     let used_event = split.avail_offset + split.layout.used_event_offset();
                     self.mem
                         .write_u16(used_event, split.last_used_idx.wrapping_sub(1));

@@ -418,3 +418,65 @@ fn packed_bogus_id_breaks_the_queue() {
     let error = queue.poll_used(4, |_, _| {}).expect_err("bogus id");
     assert!(error.to_string().contains("queue size 4"), "{error}");
 }
+
+/// Interrupt mode, split: enabling asks the device (flag cleared, or `used_event` at the next
+/// entry) and re-checks the ring; an entry published before the request is reported, so the
+/// owner polls instead of sleeping through it.
+#[test]
+fn split_used_notifications_enable_recheck_and_disable() {
+    let dma = memory();
+    for event_idx in [false, true] {
+        let mut queue = Virtqueue::new(&dma, 0, 8, RingFormat::Split, event_idx).expect("queue");
+        let mut device = SplitDevice::new(&queue);
+        let addrs = queue.addresses();
+        let layout = SplitLayout::new(8).expect("layout");
+        let flags = || rd16(addrs.driver + SplitLayout::AVAIL_FLAGS_OFFSET);
+        let used_event = || rd16(addrs.driver + layout.used_event_offset());
+        queue.add(1, &chain(1, 1)).expect("add");
+        queue.publish();
+        assert!(!queue.enable_used_notifications(), "nothing used yet");
+        if event_idx {
+            assert_eq!(used_event(), 0, "notify when entry 0 is used");
+        } else {
+            assert_eq!(flags(), 0, "NO_INTERRUPT cleared");
+        }
+        let taken = device.take();
+        device.complete(taken[0].0, 0);
+        assert!(
+            queue.enable_used_notifications(),
+            "the re-check sees the entry the device published"
+        );
+        assert_eq!(queue.poll_used(8, |_, _| {}).expect("poll"), 1);
+        queue.disable_used_notifications();
+        if event_idx {
+            assert_eq!(used_event(), 0, "used_event behind the driver (1 - 1)");
+        } else {
+            assert_eq!(flags(), VIRTQ_AVAIL_F_NO_INTERRUPT, "suppressed again");
+        }
+    }
+}
+
+/// Interrupt mode, packed: the driver event area goes to ENABLE and back to DISABLE; the
+/// re-check reads the next used slot.
+#[test]
+fn packed_used_notifications_enable_recheck_and_disable() {
+    let dma = memory();
+    let mut queue = Virtqueue::new(&dma, 0, 8, RingFormat::Packed, false).expect("queue");
+    let mut device = PackedDevice::new(&queue);
+    let addrs = queue.addresses();
+    let event_flags = || rd16(addrs.driver + PackedEvent::FLAGS_OFFSET);
+    assert_eq!(event_flags(), RING_EVENT_FLAGS_DISABLE);
+    queue.add(1, &chain(1, 2)).expect("add");
+    queue.publish();
+    assert!(!queue.enable_used_notifications());
+    assert_eq!(event_flags(), RING_EVENT_FLAGS_ENABLE);
+    let taken = device.take();
+    device.complete(taken[0].0, 2, 0);
+    assert!(
+        queue.enable_used_notifications(),
+        "the used descriptor is seen"
+    );
+    assert_eq!(queue.poll_used(8, |_, _| {}).expect("poll"), 1);
+    queue.disable_used_notifications();
+    assert_eq!(event_flags(), RING_EVENT_FLAGS_DISABLE);
+}
