@@ -95,6 +95,11 @@ struct Args {
     /// framework_start_init.
     #[arg(long = "wait-for-rpc")]
     wait_for_rpc: bool,
+    /// Interrupt mode (SPDK's `--interrupt-mode`): a reactor with nothing to do sleeps in
+    /// `epoll_wait` on its queues' kick fds and their bdevs' completion fds instead of
+    /// busy-polling; a busy queue polls and turns the driver's kicks off.
+    #[arg(long = "interrupt-mode")]
+    interrupt_mode: bool,
 }
 
 fn main() -> ExitCode {
@@ -175,6 +180,7 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
     let app = App::new(AppConfig {
         name: "pollux-vhost".to_string(),
         cpumask,
+        interrupt_mode: args.interrupt_mode,
         ..AppConfig::default()
     })
     .map_err(|e| error_chain(&e))?;

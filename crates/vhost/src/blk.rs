@@ -297,6 +297,8 @@ pub struct BlkQueue {
     /// The dirty-page log while live migration logs (`None`: logging off, one branch per
     /// write to guest memory).
     log: Option<Arc<DirtyLog>>,
+    /// Interrupt mode: driver kicks are asked for (the queue was about to sleep).
+    kicks_on: bool,
 }
 
 impl std::fmt::Debug for BlkQueue {
@@ -413,6 +415,7 @@ impl BlkQueue {
             resubmit,
             coalescing: None,
             log,
+            kicks_on: false,
         }
     }
 
@@ -502,6 +505,61 @@ impl BlkQueue {
             self.retired.clear();
         }
         work
+    }
+
+    /// Interrupt mode, after a poll that did work: the queue polls again, so driver kicks
+    /// go off (one guest store, only when they were on).
+    pub fn notifications_off(&mut self) {
+        if std::mem::take(&mut self.kicks_on) {
+            self.queue.disable_notifications();
+            self.log_notification_area();
+        }
+    }
+
+    /// Interrupt mode, after a poll that did nothing: whether the queue's thread may sleep
+    /// until the kick fd or the bdev channel's completion fd wakes it. `kick_watched`: the
+    /// kick fd is registered; `completions_watched`: the channel's fd is. Turns kicks on and
+    /// re-checks the ring (a chain published before the driver saw that gets no kick), and
+    /// sends a notification coalescing held back (nothing would send it while asleep).
+    pub fn may_sleep(
+        &mut self,
+        accept_new: bool,
+        kick_watched: bool,
+        completions_watched: bool,
+    ) -> bool {
+        if self.in_flight > 0 && !(completions_watched && self.channel.interrupt_fd().is_some()) {
+            // Completions nothing announces (no fd, or held back by rate limits): poll.
+            return false;
+        }
+        self.flush_notification();
+        if !accept_new {
+            return true;
+        }
+        if !kick_watched || !self.resubmit.is_empty() {
+            return false;
+        }
+        self.kicks_on = true;
+        let available = self.queue.enable_notifications();
+        self.log_notification_area();
+        !available
+    }
+
+    /// Interrupt mode from the first poll: the ring starts with kicks on (the fields' reset
+    /// values), so the first busy poll turns them off.
+    pub fn start_interrupt_mode(&mut self) {
+        self.kicks_on = true;
+    }
+
+    /// The bdev channel's completion fd (interrupt mode registers a duplicate).
+    pub fn completion_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.channel.interrupt_fd()
+    }
+
+    fn log_notification_area(&self) {
+        if let Some(log) = &self.log {
+            let (gpa, len) = self.queue.notification_area();
+            log.mark(gpa, len);
+        }
     }
 
     /// Sets interrupt coalescing (SPDK's `vhost_controller_set_coalescing`); `None`: off.

@@ -23,6 +23,7 @@
 //! next one: the target never exits on front-end input.
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,7 +32,7 @@ use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 use pollux_bdev::BdevDesc;
-use pollux_reactor::{send_msg, PollStatus, PollerId, ThreadCtx, ThreadHandle};
+use pollux_reactor::{send_msg, InterruptId, PollStatus, PollerId, ThreadCtx, ThreadHandle};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -73,6 +74,8 @@ pub(crate) enum QueueCmd {
     Stop,
     Memory(Arc<GuestMemory>),
     Call(Option<File>),
+    /// A new kick eventfd (SET_VRING_KICK while running); watched in interrupt mode.
+    Kick(Option<File>),
     /// Start (`Some`) or stop (`None`) dirty-page logging; the generation is acknowledged in
     /// [`QueueShared::log_applied`] once the queue logs (or stopped logging).
     Log(u64, Option<Arc<DirtyLog>>),
@@ -88,6 +91,9 @@ pub(crate) struct QueueShared {
     done: (Mutex<bool>, std::sync::Condvar),
     /// The last [`QueueCmd::Log`] generation the poller applied.
     log_applied: AtomicU64,
+    /// The thread that polls the queue: a command is followed by an empty message, which
+    /// wakes it if it sleeps (interrupt mode) and makes the poller run.
+    thread: ThreadHandle,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -95,8 +101,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl QueueShared {
-    fn new() -> Arc<Self> {
+    fn new(thread: ThreadHandle) -> Arc<Self> {
         Arc::new(Self {
+            thread,
             cmds: ArrayQueue::new(16),
             stopped: Mutex::new(None),
             stopped_flag: AtomicBool::new(false),
@@ -132,7 +139,13 @@ impl QueueShared {
 
     /// Sends `cmd`; false when the queue already stopped or its command queue is full.
     fn send(&self, cmd: QueueCmd) -> bool {
-        !self.stopped_flag.load(Ordering::Acquire) && self.cmds.push(cmd).is_ok()
+        let sent = !self.stopped_flag.load(Ordering::Acquire) && self.cmds.push(cmd).is_ok();
+        if sent {
+            // A full message queue means the thread has work and is awake; a gone thread
+            // stops the queue anyway.
+            let _ = send_msg(&self.thread, |_ctx| {});
+        }
+        sent
     }
 
     /// Waits until the poller stopped; its final position.
@@ -148,9 +161,97 @@ impl QueueShared {
     }
 }
 
-/// Runs `queue` in a poller on the calling thread until stopped.
-fn run_queue(ctx: &mut ThreadCtx, start: Box<(BlkQueue, Arc<QueueShared>, Arc<AtomicU64>)>) {
-    let (mut queue, shared, coalescing) = *start;
+/// What a queue's poller is started with.
+struct QueueStart {
+    queue: BlkQueue,
+    shared: Arc<QueueShared>,
+    coalescing: Arc<AtomicU64>,
+    /// The ring's kick eventfd (watched in interrupt mode).
+    kick: Option<File>,
+}
+
+/// Interrupt-mode registrations of a running queue.
+#[derive(Default)]
+struct QueueInterrupts {
+    kick: Option<InterruptId>,
+    completions: Option<InterruptId>,
+}
+
+impl QueueInterrupts {
+    /// Watches `kick` (draining it when it fires); the old one goes.
+    fn watch_kick(&mut self, ctx: &mut ThreadCtx, index: u16, kick: Option<File>) {
+        if let Some(id) = self.kick.take() {
+            ctx.unregister_interrupt_fd(id);
+        }
+        let Some(kick) = kick else {
+            tracing::info!(queue = index, "vhost: no kick fd: the queue polls");
+            return;
+        };
+        let name = format!("vhost_vq{index}_kick");
+        match ctx.register_interrupt_fd(&name, kick, |_ctx, kick| {
+            pollux_env::wake::drain(kick.as_fd());
+            // Idle: the queue's poller, run next in this thread poll, says whether it worked.
+            PollStatus::Idle
+        }) {
+            Ok(id) => self.kick = Some(id),
+            Err(error) => {
+                tracing::warn!(queue = index, %error, "vhost: watching the kick fd; the queue polls")
+            }
+        }
+    }
+
+    /// Watches the bdev channel's completion fd (a duplicate).
+    fn watch_completions(&mut self, ctx: &mut ThreadCtx, queue: &BlkQueue) {
+        let Some(fd) = queue.completion_fd() else {
+            return;
+        };
+        let index = queue.index();
+        let fd = match fd.try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(error) => {
+                tracing::warn!(queue = index, %error, "vhost: duplicating the bdev channel's fd; the queue polls while I/O is in flight");
+                return;
+            }
+        };
+        let name = format!("vhost_vq{index}_bdev");
+        match ctx.register_interrupt_fd(&name, fd, |_ctx, fd| {
+            pollux_env::wake::drain(fd.as_fd());
+            PollStatus::Idle
+        }) {
+            Ok(id) => self.completions = Some(id),
+            Err(error) => {
+                tracing::warn!(queue = index, %error, "vhost: watching the bdev channel's fd; the queue polls while I/O is in flight")
+            }
+        }
+    }
+
+    fn unregister(&mut self, ctx: &mut ThreadCtx) {
+        for id in [self.kick.take(), self.completions.take()]
+            .into_iter()
+            .flatten()
+        {
+            ctx.unregister_interrupt_fd(id);
+        }
+    }
+}
+
+/// Runs `queue` in a poller on the calling thread until stopped. In interrupt mode the
+/// ring's kick fd and the bdev channel's completion fd are registered with this thread, and
+/// a poll that did nothing lets it sleep once [`BlkQueue::may_sleep`] agrees.
+fn run_queue(ctx: &mut ThreadCtx, start: Box<QueueStart>) {
+    let QueueStart {
+        mut queue,
+        shared,
+        coalescing,
+        kick,
+    } = *start;
+    let interrupt_mode = ctx.app().interrupt_mode();
+    let mut interrupts = QueueInterrupts::default();
+    if interrupt_mode {
+        queue.start_interrupt_mode();
+        interrupts.watch_kick(ctx, queue.index(), kick);
+        interrupts.watch_completions(ctx, &queue);
+    }
     let mut coalescing_seen = u64::MAX;
     let own_id: Arc<OnceLock<PollerId>> = Arc::new(OnceLock::new());
     let id_in_poller = own_id.clone();
@@ -171,6 +272,11 @@ fn run_queue(ctx: &mut ThreadCtx, start: Box<(BlkQueue, Arc<QueueShared>, Arc<At
                     }
                 }
                 QueueCmd::Call(call) => queue.set_call(call),
+                QueueCmd::Kick(kick) => {
+                    if interrupt_mode {
+                        interrupts.watch_kick(ctx, queue.index(), kick);
+                    }
+                }
                 QueueCmd::Log(generation, log) => {
                     queue.set_log(log);
                     shared.log_applied.store(generation, Ordering::Release);
@@ -194,8 +300,22 @@ fn run_queue(ctx: &mut ThreadCtx, start: Box<(BlkQueue, Arc<QueueShared>, Arc<At
             if let Some(id) = id_in_poller.get() {
                 ctx.unregister_poller(*id);
             }
+            interrupts.unregister(ctx);
+            return PollStatus::Busy;
         }
-        PollStatus::from_busy(work > 0)
+        if !interrupt_mode {
+            return PollStatus::from_busy(work > 0);
+        }
+        if work > 0 {
+            queue.notifications_off();
+            return PollStatus::Busy;
+        }
+        let may_sleep = queue.may_sleep(
+            !stopping,
+            interrupts.kick.is_some(),
+            interrupts.completions.is_some(),
+        );
+        PollStatus::from_busy(!may_sleep)
     });
     let _ = own_id.set(id);
 }
@@ -212,6 +332,8 @@ struct Vring {
     used_log_gpa: Option<u64>,
     base: VringBase,
     kicked: bool,
+    /// The kick eventfd (SET_VRING_KICK), handed to the queue for interrupt mode.
+    kick: Option<File>,
     enabled: bool,
     call: Option<File>,
     running: Option<Arc<QueueShared>>,
@@ -438,9 +560,18 @@ impl BlkBackend {
             inflight: tracking,
             log: self.log_active.clone(),
         });
-        let shared = QueueShared::new();
         let thread = &ctrl.threads[index % ctrl.threads.len()];
-        let start = Box::new((blk, shared.clone(), ctrl.coalescing.clone()));
+        let shared = QueueShared::new(thread.clone());
+        let kick = match &vring.kick {
+            Some(file) => Some(file.try_clone().map_err(VuError::ReqHandlerError)?),
+            None => None,
+        };
+        let start = Box::new(QueueStart {
+            queue: blk,
+            shared: shared.clone(),
+            coalescing: ctrl.coalescing.clone(),
+            kick,
+        });
         send_msg(thread, move |ctx| run_queue(ctx, start)).map_err(|_| {
             tracing::error!(ctrlr = %ctrl.name, index, "vhost: the queue's reactor thread is gone");
             invalid("reactor thread gone")
@@ -710,13 +841,26 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         let vring = self.vring(index)?;
         // GET_VRING_BASE stops the ring: it needs a new kick (and enable) to run again.
         vring.kicked = false;
+        vring.kick = None;
         vring.call = None;
         Ok(VhostUserVringState::new(index, u32::from(base.num)))
     }
 
-    fn set_vring_kick(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
-        // Polled: the kick eventfd is never read; its arrival only marks the ring started.
-        self.vring(u32::from(index))?.kicked = true;
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        // Poll mode never reads the kick eventfd: its arrival only marks the ring started.
+        // Interrupt mode watches it (a running ring gets the new one by command).
+        let vring = self.vring(u32::from(index))?;
+        if let Some(shared) = &vring.running {
+            let copy = match &fd {
+                Some(file) => Some(file.try_clone().map_err(VuError::ReqHandlerError)?),
+                None => None,
+            };
+            if !shared.send(QueueCmd::Kick(copy)) {
+                return Err(invalid("ring busy"));
+            }
+        }
+        vring.kick = fd;
+        vring.kicked = true;
         self.maybe_start(usize::from(index))
     }
 

@@ -21,13 +21,24 @@
 //! Used entries are written one by one ([`VirtQueue::push_used`]) and published once per batch
 //! ([`VirtQueue::publish_used`]): one used-index store (split) or in-place flag stores
 //! (packed), then one notification decision.
+//!
+//! Driver notifications (kicks): a polling queue never reads them and leaves the ring's
+//! suppression fields alone. An interrupt-mode queue turns them off while it is busy
+//! ([`VirtQueue::disable_notifications`]: split `VIRTQ_USED_F_NO_NOTIFY`, or with EVENT_IDX
+//! nothing, `avail_event` falling behind; packed `RING_EVENT_FLAGS_DISABLE` in the device
+//! event area) and on before it sleeps ([`VirtQueue::enable_notifications`]: the flag
+//! cleared, `avail_event` at the next entry, packed ENABLE or DESC at the next position),
+//! then looks at the avail ring once more: a chain the driver published before it saw the
+//! change gets no kick (virtio 1.2 §2.7.10 / §2.8.10), so the queue polls instead of
+//! sleeping.
 
 use std::sync::atomic::{fence, Ordering};
 
 use pollux_virtio::ring::{
     need_event, packed_used_flags, PackedDesc, PackedEvent, PackedLayout, SplitDesc, SplitLayout,
     UsedElem, DESC_SIZE_BYTES, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE,
-    VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+    RING_EVENT_FLAGS_ENABLE, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY,
 };
 
 use crate::guest_memory::{GuestMemory, GuestSlice, MemoryError};
@@ -430,6 +441,72 @@ impl VirtQueue {
         }
     }
 
+    /// Asks the driver to kick when it makes the next chain available, then re-checks the
+    /// avail ring: true when a chain is there already (published before the driver could see
+    /// the request, so no kick comes for it: poll instead of sleeping). The full fence orders
+    /// the request before the re-check, as the driver orders its index store before reading
+    /// the suppression (§2.7.10, §2.8.10). Writes guest memory: see
+    /// [`notification_area`](Self::notification_area).
+    pub fn enable_notifications(&mut self) -> bool {
+        match self {
+            VirtQueue::Split(q) => {
+                if q.event_idx {
+                    // Kick when the entry at `last_avail` is published (§2.7.10).
+                    q.used
+                        .write_u16(q.layout.avail_event_offset(), q.last_avail);
+                } else {
+                    q.used.write_u16(SplitLayout::USED_FLAGS_OFFSET, 0);
+                }
+                fence(Ordering::SeqCst);
+                q.avail.read_u16(SplitLayout::AVAIL_IDX_OFFSET) != q.last_avail
+            }
+            VirtQueue::Packed(q) => {
+                if q.event_idx {
+                    let off_wrap = q.next_avail | (u16::from(q.avail_wrap) << 15);
+                    q.device_event.write_u16(0, off_wrap);
+                    fence(Ordering::Release);
+                    q.device_event.write_u16(2, RING_EVENT_FLAGS_DESC);
+                } else {
+                    q.device_event.write_u16(2, RING_EVENT_FLAGS_ENABLE);
+                }
+                fence(Ordering::SeqCst);
+                let flags = q
+                    .ring
+                    .read_u16(u64::from(q.next_avail) * DESC_SIZE_BYTES as u64 + 14);
+                PackedDesc {
+                    flags,
+                    ..PackedDesc::default()
+                }
+                .is_avail(q.avail_wrap)
+            }
+        }
+    }
+
+    /// Asks the driver not to kick (the queue polls while it is busy). Split with EVENT_IDX
+    /// writes nothing: `avail_event` stays where the last enable put it and falls behind, so
+    /// the driver kicks at most once more. Writes guest memory, see
+    /// [`notification_area`](Self::notification_area).
+    pub fn disable_notifications(&mut self) {
+        match self {
+            VirtQueue::Split(q) => {
+                if !q.event_idx {
+                    q.used
+                        .write_u16(SplitLayout::USED_FLAGS_OFFSET, VIRTQ_USED_F_NO_NOTIFY);
+                }
+            }
+            VirtQueue::Packed(q) => q.device_event.write_u16(2, RING_EVENT_FLAGS_DISABLE),
+        }
+    }
+
+    /// The guest range the notification switches write (for the dirty log): the used ring
+    /// (split, its flags and `avail_event`), the device event area (packed).
+    pub fn notification_area(&self) -> (u64, u64) {
+        match self {
+            VirtQueue::Split(q) => (q.used.gpa(), q.used.len()),
+            VirtQueue::Packed(q) => (q.device_event.gpa(), q.device_event.len()),
+        }
+    }
+
     /// Split: the used index in guest memory (what the driver has seen published).
     pub fn published_used_idx(&self) -> Option<u16> {
         match self {
@@ -715,8 +792,8 @@ pub struct PackedQueue {
     ring: GuestSlice,
     /// Driver event suppression (the "driver area"): controls our notifications.
     driver_event: GuestSlice,
-    /// Device event suppression (the "device area"): we leave it at its reset value.
-    #[allow(dead_code)]
+    /// Device event suppression (the "device area"): left at its reset value while polling;
+    /// interrupt mode switches it ([`VirtQueue::enable_notifications`]).
     device_event: GuestSlice,
     event_idx: bool,
     next_avail: u16,
