@@ -148,6 +148,40 @@ enum Command {
         /// Requests per second above which notifications are delayed.
         iops_threshold: u32,
     },
+    /// Create the NVMe-oF transport (TCP).
+    NvmfCreateTransport(NvmfTransport),
+    /// Describe the NVMe-oF transports.
+    NvmfGetTransports {
+        /// Only this transport type.
+        #[arg(long = "trtype")]
+        trtype: Option<String>,
+    },
+    /// Create an NVMe-oF subsystem.
+    NvmfCreateSubsystem(NvmfSubsystem),
+    /// Delete an NVMe-oF subsystem (its connections close, its bdevs are released).
+    NvmfDeleteSubsystem { nqn: String },
+    /// Describe the NVMe-oF subsystems (the discovery subsystem first).
+    NvmfGetSubsystems,
+    /// Add a namespace (a bdev) to a subsystem; prints its NSID.
+    NvmfSubsystemAddNs(NvmfAddNs),
+    /// Remove a namespace from a subsystem.
+    NvmfSubsystemRemoveNs { nqn: String, nsid: u32 },
+    /// Make a subsystem listen on an address (the discovery service answers there too).
+    NvmfSubsystemAddListener(NvmfListener),
+    /// Stop a subsystem listening on an address.
+    NvmfSubsystemRemoveListener(NvmfListener),
+    /// Allow a host NQN to connect to a subsystem.
+    NvmfSubsystemAddHost { nqn: String, host: String },
+    /// Remove a host NQN from a subsystem's allow list.
+    NvmfSubsystemRemoveHost { nqn: String, host: String },
+    /// Allow any host to connect to a subsystem (-e), or only listed hosts (-d).
+    NvmfSubsystemAllowAnyHost {
+        nqn: String,
+        #[arg(short = 'e', long = "enable", conflicts_with = "disable")]
+        enable: bool,
+        #[arg(short = 'd', long = "disable")]
+        disable: bool,
+    },
     /// bdevperf -z: run the configured workload and print its results.
     PerformTests,
     /// Any method, with its params as one JSON object.
@@ -303,6 +337,90 @@ struct VirtioAttach {
     /// Size of each virtqueue.
     #[arg(long = "vq-size")]
     vq_size: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct NvmfTransport {
+    /// Transport type (TCP).
+    #[arg(short = 't', long = "trtype")]
+    trtype: String,
+    /// Largest I/O queue.
+    #[arg(short = 'q', long = "max-queue-depth")]
+    max_queue_depth: Option<u64>,
+    /// I/O queues per controller.
+    #[arg(short = 'm', long = "max-io-qpairs-per-ctrlr")]
+    max_io_qpairs_per_ctrlr: Option<u64>,
+    /// In-capsule data per I/O command, in bytes.
+    #[arg(short = 'c', long = "in-capsule-data-size")]
+    in_capsule_data_size: Option<u64>,
+    /// Largest transfer of one command, in bytes.
+    #[arg(short = 'i', long = "max-io-size")]
+    max_io_size: Option<u64>,
+    /// SPDK's I/O unit size, in bytes (accepted, not used).
+    #[arg(short = 'u', long = "io-unit-size")]
+    io_unit_size: Option<u64>,
+    /// Largest admin queue.
+    #[arg(short = 'a', long = "max-aq-depth")]
+    max_aq_depth: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct NvmfSubsystem {
+    nqn: String,
+    /// Serial number (20 characters at most).
+    #[arg(short = 's', long = "serial-number")]
+    serial_number: Option<String>,
+    /// Model number (40 characters at most).
+    #[arg(short = 'd', long = "model-number")]
+    model_number: Option<String>,
+    /// Allow any host to connect.
+    #[arg(short = 'a', long = "allow-any-host")]
+    allow_any_host: bool,
+    /// Namespaces the subsystem may hold.
+    #[arg(short = 'm', long = "max-namespaces")]
+    max_namespaces: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct NvmfAddNs {
+    nqn: String,
+    bdev_name: String,
+    /// Namespace ID (default: the lowest free one).
+    #[arg(short = 'n', long = "nsid")]
+    nsid: Option<u64>,
+    /// Namespace UUID (default: the bdev's).
+    #[arg(short = 'u', long = "uuid")]
+    uuid: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct NvmfListener {
+    nqn: String,
+    /// Transport type (tcp).
+    #[arg(short = 't', long = "trtype")]
+    trtype: String,
+    /// IP address.
+    #[arg(short = 'a', long = "traddr")]
+    traddr: String,
+    /// Address family (ipv4, ipv6).
+    #[arg(short = 'f', long = "adrfam")]
+    adrfam: Option<String>,
+    /// TCP port (default 4420).
+    #[arg(short = 's', long = "trsvcid")]
+    trsvcid: Option<String>,
+}
+
+fn listen_address(a: &NvmfListener) -> Value {
+    let mut address = Map::new();
+    address.insert("trtype".to_string(), json!(a.trtype));
+    address.insert("traddr".to_string(), json!(a.traddr));
+    if let Some(adrfam) = &a.adrfam {
+        address.insert("adrfam".to_string(), json!(adrfam));
+    }
+    if let Some(trsvcid) = &a.trsvcid {
+        address.insert("trsvcid".to_string(), json!(trsvcid));
+    }
+    json!({ "nqn": a.nqn, "listen_address": address })
 }
 
 #[derive(Args, Debug)]
@@ -535,6 +653,88 @@ fn request(command: &Command) -> Result<(String, Option<Value>), String> {
                 .set("iops_threshold", *iops_threshold)
                 .build(),
         ),
+        Command::NvmfCreateTransport(a) => (
+            "nvmf_create_transport",
+            p().set("trtype", a.trtype.as_str())
+                .opt("max_queue_depth", a.max_queue_depth)
+                .opt("max_io_qpairs_per_ctrlr", a.max_io_qpairs_per_ctrlr)
+                .opt("in_capsule_data_size", a.in_capsule_data_size)
+                .opt("max_io_size", a.max_io_size)
+                .opt("io_unit_size", a.io_unit_size)
+                .opt("max_aq_depth", a.max_aq_depth)
+                .build(),
+        ),
+        Command::NvmfGetTransports { trtype } => (
+            "nvmf_get_transports",
+            p().opt("trtype", trtype.clone()).build(),
+        ),
+        Command::NvmfCreateSubsystem(a) => (
+            "nvmf_create_subsystem",
+            p().set("nqn", a.nqn.as_str())
+                .opt("serial_number", a.serial_number.clone())
+                .opt("model_number", a.model_number.clone())
+                .flag("allow_any_host", a.allow_any_host)
+                .opt("max_namespaces", a.max_namespaces)
+                .build(),
+        ),
+        Command::NvmfDeleteSubsystem { nqn } => (
+            "nvmf_delete_subsystem",
+            p().set("nqn", nqn.as_str()).build(),
+        ),
+        Command::NvmfGetSubsystems => ("nvmf_get_subsystems", None),
+        Command::NvmfSubsystemAddNs(a) => {
+            let mut namespace = Map::new();
+            namespace.insert("bdev_name".to_string(), json!(a.bdev_name));
+            if let Some(nsid) = a.nsid {
+                namespace.insert("nsid".to_string(), json!(nsid));
+            }
+            if let Some(uuid) = &a.uuid {
+                namespace.insert("uuid".to_string(), json!(uuid));
+            }
+            (
+                "nvmf_subsystem_add_ns",
+                Some(json!({ "nqn": a.nqn, "namespace": namespace })),
+            )
+        }
+        Command::NvmfSubsystemRemoveNs { nqn, nsid } => (
+            "nvmf_subsystem_remove_ns",
+            p().set("nqn", nqn.as_str()).set("nsid", *nsid).build(),
+        ),
+        Command::NvmfSubsystemAddListener(a) => {
+            ("nvmf_subsystem_add_listener", Some(listen_address(a)))
+        }
+        Command::NvmfSubsystemRemoveListener(a) => {
+            ("nvmf_subsystem_remove_listener", Some(listen_address(a)))
+        }
+        Command::NvmfSubsystemAddHost { nqn, host } => (
+            "nvmf_subsystem_add_host",
+            p().set("nqn", nqn.as_str())
+                .set("host", host.as_str())
+                .build(),
+        ),
+        Command::NvmfSubsystemRemoveHost { nqn, host } => (
+            "nvmf_subsystem_remove_host",
+            p().set("nqn", nqn.as_str())
+                .set("host", host.as_str())
+                .build(),
+        ),
+        Command::NvmfSubsystemAllowAnyHost {
+            nqn,
+            enable,
+            disable,
+        } => {
+            if enable == disable {
+                return Err(
+                    "nvmf_subsystem_allow_any_host: give -e (enable) or -d (disable)".to_string(),
+                );
+            }
+            (
+                "nvmf_subsystem_allow_any_host",
+                p().set("nqn", nqn.as_str())
+                    .set("allow_any_host", *enable)
+                    .build(),
+            )
+        }
         Command::PerformTests => ("perform_tests", None),
         Command::Call { method, params } => {
             let params = match params {

@@ -126,6 +126,7 @@ pub mod error;
 pub mod framing;
 mod log;
 mod methods;
+mod nvmf;
 mod server;
 mod sys;
 mod vhost;
@@ -139,6 +140,7 @@ pub use log::{register_log, GetFilter, LogHooks, SetFilter};
 pub use methods::{
     Allowed, Call, ConfigWriter, Handler, Params, Reply, RpcMethods, RpcState, StateHandle,
 };
+pub use nvmf::register_nvmf;
 pub use server::{
     RpcServer, RpcServerConfig, DEFAULT_SOCKET_PATH, MAX_UNSENT_BYTES, READ_CHUNK_BYTES,
     WRITE_CHUNK_BYTES,
