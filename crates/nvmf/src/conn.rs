@@ -870,7 +870,7 @@ impl Connection {
             .reserve_exact(self.tx_capacity.saturating_sub(self.tx.len()));
         self.queue = Some(queue);
         let _ = now_ms;
-        tracing::info!(peer = %self.peer, subnqn = %data.subnqn, hostnqn = %data.hostnqn, cntlid = ctrlr.cntlid, qid = connect.qid, depth, kato_ms = connect.kato_ms, "nvmf: queue connected");
+        tracing::info!(peer = %self.peer, subnqn = %data.subnqn, hostnqn = %data.hostnqn, cntlid = ctrlr.cntlid, qid = connect.qid, depth, kato_ms = connect.kato_ms, hdgst = self.enc.digests.header, ddgst = self.enc.digests.data, "nvmf: queue connected");
         Ok(ctrlr.cntlid)
     }
 

@@ -197,13 +197,24 @@ impl Controller {
     pub(crate) fn identify(&self) -> [u8; IDENTIFY_BYTES] {
         let t = &self.transport;
         let (serial, model, nn, oncs, cntrltype) = match &self.subsystem {
-            Some(s) => (
-                s.serial_number.clone(),
-                s.model_number.clone(),
-                s.max_namespaces,
-                spec::ONCS_DSM | spec::ONCS_WRITE_ZEROES,
-                CNTRLTYPE_IO,
-            ),
+            Some(s) => {
+                // Write Zeroes only when every namespace's bdev has it (hosts then fall back
+                // to writing zeroes); Dataset Management always (deallocation is advisory).
+                let write_zeroes = s.namespaces().iter().all(|ns| ns.supports_write_zeroes);
+                let oncs = spec::ONCS_DSM
+                    | if write_zeroes {
+                        spec::ONCS_WRITE_ZEROES
+                    } else {
+                        0
+                    };
+                (
+                    s.serial_number.clone(),
+                    s.model_number.clone(),
+                    s.max_namespaces,
+                    oncs,
+                    CNTRLTYPE_IO,
+                )
+            }
             None => (
                 "Pollux".to_string(),
                 "Pollux Discovery Controller".to_string(),
