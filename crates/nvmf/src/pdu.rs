@@ -675,7 +675,12 @@ pub fn decode_header(layout: &Layout, header: &[u8]) -> Result<Pdu, PduError> {
         PduType::H2cData | PduType::C2hData => {
             let data = DataHeader {
                 cccid: le16(b, 8),
-                ttag: le16(b, 10),
+                // Reserved in C2HData (Figure 30).
+                ttag: if pdu_type == PduType::H2cData {
+                    le16(b, 10)
+                } else {
+                    0
+                },
                 datao: le32(b, 12),
                 datal: le32(b, 16),
                 last: layout.flags & flags::LAST_PDU != 0,
