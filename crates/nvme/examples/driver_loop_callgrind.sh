@@ -8,15 +8,17 @@
 #
 #   model    the software controller (every function of pollux_nvme::model, with everything
 #            it calls: its doorbell handler decodes the commands and posts the completions)
-#   harness  the example's own loop and completion closure (lines of examples/driver_loop.rs
-#            wherever inlined, and library lines inlined into the example's functions)
+#   harness  the example's own loop and completion closure (lines of examples/driver_loop.rs,
+#            wherever inlined; library code inlined into the example counts as the driver's)
 #   driver   everything else: the queue pair, PRP and controller code, env's translation
 #            and DMA accessors it uses, wherever the compiler inlined them
 #
 # and prints each per read, then the driver's costliest functions (self cost, per read).
 #
-# Usage: crates/nvme/examples/driver_loop_callgrind.sh [--max N]
-#   --max N   exit 1 when the driver's share per read is above N
+# Usage: crates/nvme/examples/driver_loop_callgrind.sh [--max N] [--from DIR]
+#   --max N     exit 1 when the driver's share per read is above N
+#   --from DIR  count the callgrind files a KEEP_DIR run left in DIR (another build's, for a
+#               before/after comparison) instead of building and running
 # Environment (defaults in brackets):
 #   BATCHES_LOW, BATCHES_HIGH   the two batch counts [1000, 4000]
 #   TOP                         how many driver functions to list [12]
@@ -24,10 +26,15 @@
 set -euo pipefail
 
 max=""
+from=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --max)
             max="${2:?--max needs a number}"
+            shift 2
+            ;;
+        --from)
+            from="${2:?--from needs a directory}"
             shift 2
             ;;
         -h | --help)
@@ -49,18 +56,14 @@ if [ "$high" -le "$low" ]; then
     echo "BATCHES_HIGH ($high) must be above BATCHES_LOW ($low)" >&2
     exit 2
 fi
-command -v valgrind >/dev/null || {
+[ -n "$from" ] || command -v valgrind >/dev/null || {
     echo "valgrind is needed (Debian: apt-get install valgrind)" >&2
     exit 2
 }
 
-repo="$(cd "$(dirname "$0")/../../.." && pwd)"
-cd "$repo"
-cargo build --quiet --release -p pollux-nvme --example driver_loop
-target_dir="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-binary="$target_dir/release/examples/driver_loop"
-
-if [ -n "${KEEP_DIR:-}" ]; then
+if [ -n "$from" ]; then
+    out="$from"
+elif [ -n "${KEEP_DIR:-}" ]; then
     out="$KEEP_DIR"
     mkdir -p "$out"
 else
@@ -87,12 +90,6 @@ shares() {
         }
         function is_model(fn) {
             return fn ~ /^pollux_nvme::model::/ || fn ~ /^<pollux_nvme::model::/
-        }
-        function is_example_fn(fn) {
-            return fn ~ /^driver_loop::/
-        }
-        function is_crate_file(file) {
-            return file ~ /crates\/(nvme|env)\/src\//
         }
         function is_example_file(file) {
             return file ~ /crates\/nvme\/examples\//
@@ -125,9 +122,11 @@ shares() {
             }
             if (is_model(fn)) {
                 model += cost
-            } else if ((is_example_file(line_file) && line != 0) || (is_example_fn(fn) && !is_crate_file(line_file))) {
-                # Line 0 (no line of its own: register saves, spills) in a driver function is
-                # the driver'\''s, whichever file the compiler named.
+            } else if (is_example_file(line_file) && line != 0) {
+                # Only the example'\''s own lines: library code inlined into it may be the
+                # driver'\''s (its fast path inlines into the caller), so it counts as the
+                # driver'\''s, as does line 0 (register saves, spills), whichever file the
+                # compiler named. This errs towards the driver by the loop'\''s iterator.
                 harness += cost
             } else {
                 by_fn[fn] += cost
@@ -160,18 +159,26 @@ shares() {
     ' "$2"
 }
 
-for batches in "$low" "$high"; do
-    valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.$batches" \
-        "$binary" "$batches" >"$out/run.$batches.log" 2>&1 || {
-        cat "$out/run.$batches.log" >&2
-        exit 1
-    }
-    grep -q "$((batches * reads_per_batch)) reads, 0 failed" "$out/run.$batches.log" || {
-        echo "driver_loop $batches: reads failed" >&2
-        cat "$out/run.$batches.log" >&2
-        exit 1
-    }
-done
+if [ -z "$from" ]; then
+    repo="$(cd "$(dirname "$0")/../../.." && pwd)"
+    cd "$repo"
+    cargo build --quiet --release -p pollux-nvme --example driver_loop
+    target_dir="$(cargo metadata --format-version 1 --no-deps |
+        sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+    binary="$target_dir/release/examples/driver_loop"
+    for batches in "$low" "$high"; do
+        valgrind --tool=callgrind --callgrind-out-file="$out/callgrind.$batches" \
+            "$binary" "$batches" >"$out/run.$batches.log" 2>&1 || {
+            cat "$out/run.$batches.log" >&2
+            exit 1
+        }
+        grep -q "$((batches * reads_per_batch)) reads, 0 failed" "$out/run.$batches.log" || {
+            echo "driver_loop $batches: reads failed" >&2
+            cat "$out/run.$batches.log" >&2
+            exit 1
+        }
+    done
+fi
 
 shares "$out/fns.$low" "$out/callgrind.$low" >"$out/shares.$low"
 shares "$out/fns.$high" "$out/callgrind.$high" >"$out/shares.$high"
