@@ -38,7 +38,8 @@ use pollux_env::dma::{DmaBuffer, DmaMemory};
 use crate::error::NvmeError;
 use crate::prp::IoVec;
 use crate::qpair::{
-    QueuePair, QueuePairOptions, ShadowPages, Shared, STATE_FAILED, STATE_RESETTING, STATE_RUNNING,
+    usable_epoch, QueuePair, QueuePairOptions, ShadowPages, Shared, STATE_FAILED, STATE_RESETTING,
+    STATE_RUNNING,
 };
 use crate::regs::Registers;
 use crate::spec::{
@@ -104,6 +105,10 @@ pub struct Namespace {
     block_size_bytes: u32,
     num_blocks: u64,
     max_transfer_bytes: u64,
+    /// The most blocks one read or write may carry: the 16-bit NLB field's 65536 and MDTS
+    /// together, so the I/O path checks both with one compare (0 when MDTS is below a block:
+    /// every request then takes the general path, which reports it).
+    max_blocks_per_command: u32,
     identify: IdentifyNamespace,
 }
 
@@ -114,23 +119,29 @@ impl Namespace {
         if nsid == 0 || nsid == u32::MAX || identify.nsze == 0 {
             return None;
         }
+        let max_blocks_per_command =
+            (max_transfer_bytes / u64::from(block_size_bytes)).min(65536) as u32;
         Some(Self {
             nsid,
             block_size_bytes,
             num_blocks: identify.nsze,
             max_transfer_bytes,
+            max_blocks_per_command,
             identify,
         })
     }
 
+    #[inline(always)]
     pub fn nsid(&self) -> u32 {
         self.nsid
     }
 
+    #[inline(always)]
     pub fn block_size_bytes(&self) -> u32 {
         self.block_size_bytes
     }
 
+    #[inline(always)]
     pub fn num_blocks(&self) -> u64 {
         self.num_blocks
     }
@@ -138,6 +149,12 @@ impl Namespace {
     /// Largest transfer of one command (MDTS, capped by the queue pairs' list pages).
     pub fn max_transfer_bytes(&self) -> u64 {
         self.max_transfer_bytes
+    }
+
+    /// The most blocks one read or write may carry (NLB's 65536 and MDTS, whichever is less).
+    #[inline(always)]
+    pub(crate) fn max_blocks_per_command(&self) -> u32 {
+        self.max_blocks_per_command
     }
 
     pub fn identify(&self) -> &IdentifyNamespace {
@@ -198,6 +215,7 @@ impl<R: Registers> Controller<R> {
         let version = Version::decode(regs.read32(spec::REG_VS)?);
         let shared = Arc::new(Shared {
             generation: AtomicU64::new(0),
+            usable_epoch: AtomicU64::new(usable_epoch(0)),
             state: AtomicU8::new(STATE_RUNNING),
             needs_reset: AtomicBool::new(false),
             abort_requests: Mutex::new(Vec::new()),
@@ -877,7 +895,7 @@ impl<R: Registers> Controller<R> {
     }
 
     fn fail(&mut self) {
-        self.shared.state.store(STATE_FAILED, Ordering::Release);
+        self.shared.mark_failed();
         self.admin.discard_all();
         self.aer_outstanding = false;
     }
@@ -907,7 +925,10 @@ impl<R: Registers> Controller<R> {
     fn reset_inner(&mut self) -> Result<(), NvmeError> {
         self.disable()?;
         // The controller does no more DMA: queue pairs may now hand their requests back.
-        self.shared.generation.fetch_add(1, Ordering::AcqRel);
+        let generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.shared
+            .usable_epoch
+            .store(usable_epoch(generation), Ordering::Release);
         self.shared.needs_reset.store(false, Ordering::Release);
         self.shared.lock_aborts().clear();
         // Rings of dropped pairs are safe to free now: their queues no longer exist.
@@ -942,7 +963,7 @@ impl<R: Registers> Controller<R> {
         }
         self.detached = true;
         let was_failed = self.state() == ControllerState::Failed;
-        self.shared.state.store(STATE_FAILED, Ordering::Release);
+        self.shared.mark_failed();
         if was_failed {
             return Ok(());
         }

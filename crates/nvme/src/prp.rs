@@ -111,8 +111,8 @@ pub fn build_cached(
     // no list page, no length-sum loop.
     if let [iov] = iovs {
         if iov.len_bytes() as u64 == len_bytes && len_bytes != 0 {
-            if let Some(pointer) = single_iovec_prp(memmap, cache, iov, area.page_size_bytes) {
-                return Ok(pointer);
+            if let Some([prp1, prp2]) = single_iovec_prp(memmap, cache, iov, area.page_size_bytes) {
+                return Ok(DataPointer::Prp { prp1, prp2 });
             }
         }
     }
@@ -141,37 +141,34 @@ pub fn build_cached(
 }
 
 /// The common case on the I/O path: one iovec, contiguous in IOVA space, dword aligned and
-/// touching at most two pages, needs one translation and no list page (PRP1, and PRP2 for the
-/// second page). Anything else (or a translation error, reported by the general path) is
-/// `None` and goes through [`build_prp`].
+/// touching at most two pages, needs one translation and no list page: PRP1, and PRP2 for the
+/// second page (0 without one). Anything else (or a translation error, reported by the
+/// general path) is `None` and goes through [`build_prp`]. `page_size_bytes` is a power of
+/// two.
 #[inline(always)]
 pub(crate) fn single_iovec_prp(
     memmap: &MemMap,
     cache: &mut TranslationCache,
     iov: &IoVec,
     page_size_bytes: u64,
-) -> Option<DataPointer> {
+) -> Option<[u64; 2]> {
     let len = iov.len_bytes() as u64;
     let translation = memmap.translate_cached(cache, iov.addr(), len).ok()?;
-    if translation.len != len || translation.iova & 3 != 0 {
+    // Where the range ends, counted from the start of its first page: the offset in the page
+    // is below a page, and `len` is a buffer's length, so this cannot overflow.
+    let reach = (translation.iova & (page_size_bytes - 1)) + len;
+    // One region holds the whole range (so it is contiguous in IOVA space), dword aligned,
+    // within two pages.
+    if translation.len != len || translation.iova & 3 != 0 || reach > 2 * page_size_bytes {
         return None;
     }
-    let first_page_end =
-        (translation.iova & !(page_size_bytes - 1)).checked_add(page_size_bytes)?;
-    let end = translation.iova.checked_add(len)?;
-    if end <= first_page_end {
-        Some(DataPointer::Prp {
-            prp1: translation.iova,
-            prp2: 0,
-        })
-    } else if end - first_page_end <= page_size_bytes {
-        Some(DataPointer::Prp {
-            prp1: translation.iova,
-            prp2: first_page_end,
-        })
+    let prp2 = if reach <= page_size_bytes {
+        0
     } else {
-        None
-    }
+        // The second page (a region that ended past the address space would wrap).
+        (translation.iova | (page_size_bytes - 1)).checked_add(1)?
+    };
+    Some([translation.iova, prp2])
 }
 
 /// Streams PRP entries into the list area, chaining list pages as needed.

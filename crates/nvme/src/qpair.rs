@@ -2,12 +2,19 @@
 //!
 //! - **Rings** in DMA memory, page aligned, read and written with env's volatile copy
 //!   accessors. The CQ is zeroed when (re)created, so the first pass posts phase 1.
-//! - **Request pool**: `depth` fixed slots, the command id *is* the slot index, so a
-//!   completion finds its request in O(1) and nothing is allocated per I/O (STYLE #5). Each
-//!   slot owns `list_pages` preallocated PRP / SGL list pages.
+//! - **Request pool**: `depth` fixed slots of 32 bytes, the command id *is* the slot index, so
+//!   a completion finds its request in O(1) and nothing is allocated per I/O (STYLE #5); the
+//!   free list runs through the slots themselves. Each slot owns `list_pages` preallocated
+//!   PRP / SGL list pages.
 //! - **Software queue**: when the SQ is full (it holds `entries - 1` commands) a request
-//!   waits, already built, in a FIFO of slot ids sized to `depth` up front: it never grows and
-//!   never fails (STYLE #7).
+//!   waits, already built, in a FIFO of (slot id, command) sized to `depth` up front: it never
+//!   grows and never fails (STYLE #7).
+//! - **Submit fast path**: a read or write of one iovec in the region the pair last translated,
+//!   within two pages, is checked with a handful of compares (block count and MDTS in one, the
+//!   namespace end, SQ room from a counter refreshed per completion batch, one load of the
+//!   controller's usable epoch for reset / failure / disconnection, a free slot) and written
+//!   as eight words inline in the caller; anything else takes the general path, which reports
+//!   each failed check.
 //! - **Doorbells**: submits only write entries; [`QueuePair::process_completions`] rings the
 //!   SQ tail doorbell once for everything submitted since the last call, reaps up to `max`
 //!   completions and rings the CQ head doorbell once for the batch (STYLE #13).
@@ -20,8 +27,10 @@
 //!   pair keeps at most `entries - 1` commands outstanding, so its CQ can never fill: a
 //!   skipped CQ head doorbell can then never leave the controller waiting for room.
 //! - **Validation**: every CQE is checked before it is trusted: command id in range and
-//!   outstanding, SQ id, SQ head inside the submitted range (4.6.1). A broken entry is consumed
-//!   and reported as [`NvmeError::BadCompletion`]; the controller is asked to reset.
+//!   outstanding, SQ id, SQ head inside the submitted range (4.6.1), merged into one branch for
+//!   the common case (SQ id and SQ head bound in one compare on DW2). A broken entry is
+//!   consumed and reported as [`NvmeError::BadCompletion`] naming the check it failed; the
+//!   controller is asked to reset.
 //! - **Timeouts**: checked from idle polls, rate limited; a command outstanding longer than
 //!   the timeout is reported to the controller for an Abort; if it is still outstanding one
 //!   timeout later the controller is asked to reset.
@@ -46,6 +55,9 @@ use crate::prp::{self, IoVec, ListArea};
 use crate::regs::Registers;
 use crate::spec::{self, opc, Command, Completion, Psdt, Status, CQE_BYTES, SQE_BYTES};
 
+/// The phase tag in a CQE's DW3.
+const PHASE_BIT: u32 = 1 << 16;
+
 /// A busy queue pair checks timeouts once per this many polls.
 const TIMEOUT_CHECK_POLLS: u32 = 256;
 
@@ -58,6 +70,10 @@ pub(crate) const STATE_FAILED: u8 = 2;
 pub(crate) struct Shared {
     /// Bumped by every reset, after the controller was disabled.
     pub generation: AtomicU64,
+    /// [`usable_epoch`] of the generation, with bit 0 set once the controller failed: what the
+    /// submit path compares with one load (a pair may submit only while it equals the pair's
+    /// own [`usable_epoch`]). Written right after `generation` and `state` change.
+    pub usable_epoch: AtomicU64,
     pub state: AtomicU8,
     /// Set by a queue pair that saw a broken completion or a command that ignored its abort.
     pub needs_reset: AtomicBool,
@@ -84,7 +100,23 @@ pub(crate) struct ShadowPages {
     pub event_idx: DmaBuffer,
 }
 
+/// A generation's usable epoch: the generation shifted past the failed bit (bit 0).
+#[inline(always)]
+pub(crate) fn usable_epoch(generation: u64) -> u64 {
+    generation << 1
+}
+
+/// The epoch a disconnected pair expects: odd, so never a running controller's, and above any
+/// failed one's (a generation would need 2^63 - 1 resets to reach it).
+const DISCONNECTED_EPOCH: u64 = u64::MAX;
+
 impl Shared {
+    /// Marks the controller failed: its state, then the failed bit of the usable epoch.
+    pub fn mark_failed(&self) {
+        self.state.store(STATE_FAILED, Ordering::Release);
+        self.usable_epoch.fetch_or(1, Ordering::AcqRel);
+    }
+
     pub fn lock_aborts(&self) -> std::sync::MutexGuard<'_, Vec<(u16, u16)>> {
         self.abort_requests
             .lock()
@@ -200,6 +232,7 @@ impl Default for QueuePairOptions {
 /// Counters of one queue pair.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct QpairStats {
+    /// Requests accepted (completed, failed back, or in flight).
     pub submitted: u64,
     pub completed: u64,
     /// Requests that waited in the software queue because the SQ was full.
@@ -227,30 +260,45 @@ enum SlotState {
     Free,
     /// Built, waiting in the software queue for room in the SQ.
     Queued,
-    /// In the SQ: the controller may be working on it.
+    /// In the SQ: the controller may be working on it; zero copy.
     Outstanding,
+    /// In the SQ, holding a bounce buffer (copied back and released at completion). A state
+    /// of its own so that completing a zero-copy request tests one field, not two.
+    OutstandingBounced,
 }
 
+impl SlotState {
+    fn is_outstanding(self) -> bool {
+        matches!(self, SlotState::Outstanding | SlotState::OutstandingBounced)
+    }
+}
+
+/// One request (32 bytes: two to a cache line). The built command of a request that waits
+/// for SQ room is kept in the software queue, not here: an entry that goes straight into the
+/// SQ is encoded there and never copied.
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     tag: u64,
+    /// When a timeout check first saw this command outstanding.
+    seen_at: Option<Instant>,
     state: SlotState,
     /// For timeout reports (the command id is the slot index).
     opcode: u8,
-    /// The built command, kept only while it waits in the software queue (an entry that goes
-    /// straight into the SQ is encoded there and never copied here).
-    command: Command,
-    /// When a timeout check first saw this command outstanding.
-    seen_at: Option<Instant>,
     abort_requested: bool,
     /// Exempt from timeouts (the admin queue's Asynchronous Event Request).
     no_timeout: bool,
     /// The bounce buffer this request holds, or [`NO_BOUNCE`].
     bounce: u16,
+    /// While free: the next free slot, or [`NO_SLOT`] (the free list runs through the slots,
+    /// so taking and giving back a slot touches no other array).
+    next_free: u16,
 }
 
 /// [`Slot::bounce`] of a request that transfers zero copy.
 const NO_BOUNCE: u16 = u16::MAX;
+/// The end of the free list. Never a slot index (at most 65534 slots), so the bounds check of
+/// the slot lookup also tells that no slot is free.
+const NO_SLOT: u16 = u16::MAX;
 /// The most iovecs a bounced request may have (their list is kept for the copy back).
 const BOUNCE_IOVS_MAX: usize = 256;
 
@@ -265,13 +313,13 @@ struct BounceUse {
 
 const EMPTY_SLOT: Slot = Slot {
     tag: 0,
+    seen_at: None,
     state: SlotState::Free,
     opcode: 0,
-    command: Command::new(0),
-    seen_at: None,
     abort_requested: false,
     no_timeout: false,
     bounce: NO_BOUNCE,
+    next_free: NO_SLOT,
 };
 
 /// The status a request gets when its queue pair is torn down under it.
@@ -287,6 +335,9 @@ pub struct QueuePair<R: Registers> {
     qid: u16,
     /// The controller generation this pair's queues were created in.
     generation: u64,
+    /// `usable_epoch(generation)` while connected, [`DISCONNECTED_EPOCH`] when not: submits
+    /// compare it with [`Shared::usable_epoch`], one load for disconnected, reset and failed.
+    epoch: u64,
     disconnected: bool,
     /// `None` only while being dropped or after being freed.
     rings: Option<Rings>,
@@ -297,10 +348,14 @@ pub struct QueuePair<R: Registers> {
     sq_tail: u16,
     /// Oldest SQ entry the controller may not have fetched yet (from CQE.sq_head).
     sq_head: u16,
+    /// Commands the SQ takes before it is full (see [`refresh_sq_room`](Self::refresh_sq_room)):
+    /// decremented per entry written, recomputed once per completion batch.
+    sq_room: u16,
     cq_head: u16,
-    phase: bool,
-    /// Entries written since the last SQ doorbell.
-    sq_unrung: bool,
+    /// The phase tag the next new CQE carries, where it sits in DW3 (bit 16): 0 or 1 << 16.
+    phase_bit: u32,
+    /// `qid << 16`: a valid CQE's DW2 (SQ head | SQ id << 16) less this is its SQ head.
+    sq_id_bits: u32,
     sq_doorbell: u64,
     cq_doorbell: u64,
     /// Shadow doorbells are configured for this pair's generation.
@@ -309,8 +364,13 @@ pub struct QueuePair<R: Registers> {
     sq_tail_published: u16,
     cq_head_published: u16,
     slots: Vec<Slot>,
-    free: Vec<u16>,
-    waiting: VecDeque<u16>,
+    /// First free slot, or [`NO_SLOT`].
+    free_head: u16,
+    /// Requests waiting for SQ room, oldest first, with their built commands (capacity
+    /// `depth`, reserved up front).
+    waiting: VecDeque<(u16, Command)>,
+    /// The controller's memory page size (a copy of `shared.page_size_bytes`, one load less).
+    page_size_bytes: u64,
     list_pages: usize,
     sgl_supported: bool,
     /// The region this pair's buffers were last found in (see `MemMap::translate_cached`).
@@ -387,6 +447,7 @@ impl<R: Registers> QueuePair<R> {
             dma,
             qid,
             generation,
+            epoch: usable_epoch(generation),
             disconnected: false,
             rings: Some(Rings {
                 qid,
@@ -401,17 +462,28 @@ impl<R: Registers> QueuePair<R> {
             entries: options.entries,
             sq_tail: 0,
             sq_head: 0,
+            sq_room: 0,
             cq_head: 0,
-            phase: true,
-            sq_unrung: false,
+            phase_bit: PHASE_BIT,
+            sq_id_bits: u32::from(qid) << 16,
             sq_doorbell: spec::sq_tail_doorbell(qid, stride),
             cq_doorbell: spec::cq_head_doorbell(qid, stride),
             shadow: false,
             sq_tail_published: 0,
             cq_head_published: 0,
-            slots: vec![EMPTY_SLOT; usize::from(options.depth)],
-            free: (0..options.depth).rev().collect(),
+            slots: (0..options.depth)
+                .map(|cid| Slot {
+                    next_free: if cid + 1 == options.depth {
+                        NO_SLOT
+                    } else {
+                        cid + 1
+                    },
+                    ..EMPTY_SLOT
+                })
+                .collect(),
+            free_head: 0,
             waiting: VecDeque::with_capacity(usize::from(options.depth)),
+            page_size_bytes: page as u64,
             list_pages,
             sgl_supported,
             translation_cache: TranslationCache::default(),
@@ -461,16 +533,17 @@ impl<R: Registers> QueuePair<R> {
         self.sq_tail = 0;
         self.sq_head = 0;
         self.cq_head = 0;
-        self.phase = true;
-        self.sq_unrung = false;
+        self.phase_bit = PHASE_BIT;
         self.sq_tail_published = 0;
         self.cq_head_published = 0;
         self.generation = self.shared.generation.load(Ordering::Acquire);
         self.shadow = self.shared.shadow_enabled.load(Ordering::Acquire);
+        self.refresh_sq_room();
         if self.shadow {
             self.shared.clear_shadow_slots(self.qid)?;
         }
         self.disconnected = false;
+        self.epoch = usable_epoch(self.generation);
         self.last_timeout_check = None;
         Ok(())
     }
@@ -503,6 +576,7 @@ impl<R: Registers> QueuePair<R> {
     /// already exist: the controller copied their current tail and head into the page).
     pub(crate) fn enable_shadow(&mut self) {
         self.shadow = self.shared.shadow_enabled.load(Ordering::Acquire);
+        self.refresh_sq_room();
         self.sq_tail_published = self.sq_tail;
         self.cq_head_published = self.cq_head;
     }
@@ -514,7 +588,7 @@ impl<R: Registers> QueuePair<R> {
 
     /// Requests submitted and not yet handed back (in the SQ or waiting for room).
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
+        usize::from(self.outstanding) + self.waiting.len()
     }
 
     pub fn is_disconnected(&self) -> bool {
@@ -522,7 +596,12 @@ impl<R: Registers> QueuePair<R> {
     }
 
     pub fn stats(&self) -> QpairStats {
-        self.stats
+        // Every request accepted is completed, failed back or still in flight: counted here,
+        // not per submit.
+        QpairStats {
+            submitted: self.stats.completed + self.stats.failed_by_reset + self.in_flight() as u64,
+            ..self.stats
+        }
     }
 
     /// Reads `nblocks` blocks at `lba` of `ns` into `iovs`; the completion comes back with `tag`.
@@ -600,6 +679,9 @@ impl<R: Registers> QueuePair<R> {
         self.submit_command(tag, command, iovs, len_bytes)
     }
 
+    /// A read or write: the common case inline (see [`try_submit_rw`](Self::try_submit_rw)),
+    /// anything else through the general path, which checks and reports each case.
+    #[inline(always)]
     fn submit_rw(
         &mut self,
         opcode: u8,
@@ -609,51 +691,108 @@ impl<R: Registers> QueuePair<R> {
         nblocks: u32,
         iovs: &[IoVec],
     ) -> Result<(), NvmeError> {
-        let len_bytes = u64::from(nblocks) * u64::from(ns.block_size_bytes());
-        // The I/O path's common case, checked with as few branches as possible: a valid
-        // range, one iovec in the region this pair last used, PRP-friendly, room in the SQ.
-        // Anything else takes the general path below, which checks and reports each case.
-        let in_range = nblocks.wrapping_sub(1) < 65536
-            && lba
-                .checked_add(u64::from(nblocks))
-                .is_some_and(|end| end <= ns.num_blocks())
-            && len_bytes <= ns.max_transfer_bytes();
-        if let ([iov], true) = (iovs, in_range) {
-            if iov.len_bytes() as u64 == len_bytes
-                && self.waiting.is_empty()
-                && self.sq_has_room()
-                && self.is_usable()
-            {
-                let page = self.shared.page_size_bytes;
-                if let Some(pointer) =
-                    prp::single_iovec_prp(self.dma.memmap(), &mut self.translation_cache, iov, page)
-                {
-                    if let Some(cid) = self.free.pop() {
-                        let [prp1, prp2] = pointer.dptr();
-                        let words = [
-                            u64::from(opcode)
-                                | (u64::from(cid) << 16)
-                                | (u64::from(ns.nsid()) << 32),
-                            0,
-                            0,
-                            prp1,
-                            prp2,
-                            lba,
-                            u64::from(nblocks - 1), // NLB is 0's based
-                            0,
-                        ];
-                        let slot = &mut self.slots[usize::from(cid)];
-                        slot.tag = tag;
-                        slot.opcode = opcode;
-                        slot.seen_at = None;
-                        slot.abort_requested = false;
-                        slot.no_timeout = false;
-                        self.stats.submitted += 1;
-                        return self.write_sqe_words(cid, &words);
-                    }
-                }
+        if let [iov] = iovs {
+            if self.try_submit_rw(opcode, ns, tag, lba, nblocks, iov) {
+                return Ok(());
             }
         }
+        self.submit_rw_general(opcode, ns, tag, lba, nblocks, iovs)
+    }
+
+    /// The I/O path's common case, with as few branches as the checks allow: a valid range
+    /// (block count, MDTS and namespace end), one iovec covering the transfer in the region
+    /// this pair last translated, PRP-friendly, room in the SQ, a usable pair, a free slot.
+    /// The SQE is written as eight words straight from the arguments. Returns false, having
+    /// changed nothing, when any of it does not hold.
+    #[inline(always)]
+    fn try_submit_rw(
+        &mut self,
+        opcode: u8,
+        ns: &Namespace,
+        tag: u64,
+        lba: u64,
+        nblocks: u32,
+        iov: &IoVec,
+    ) -> bool {
+        // 1..=max blocks in one compare (0 wraps to u32::MAX); the namespace end with the
+        // overflow folded into the compare (a wrapped end is below `lba`).
+        let end = lba.wrapping_add(u64::from(nblocks));
+        if nblocks.wrapping_sub(1) >= ns.max_blocks_per_command()
+            || end > ns.num_blocks()
+            || end < lba
+            || iov.len_bytes() as u64 != u64::from(nblocks) * u64::from(ns.block_size_bytes())
+            || !self.sq_has_room()
+            || self.shared.usable_epoch.load(Ordering::Acquire) != self.epoch
+        {
+            return false;
+        }
+        // Requests wait only while the SQ is full, and only a completion batch makes room (it
+        // moves the waiting ones in first): room means nobody waits, so a new request cannot
+        // overtake one.
+        debug_assert!(self.waiting.is_empty());
+        let Some(pointer) = prp::single_iovec_prp(
+            self.dma.memmap(),
+            &mut self.translation_cache,
+            iov,
+            self.page_size_bytes,
+        ) else {
+            return false;
+        };
+        // An empty free list is NO_SLOT, out of bounds: one check for both.
+        let cid = self.free_head;
+        let Some(slot) = self.slots.get_mut(usize::from(cid)) else {
+            return false;
+        };
+        let Some(rings) = self.rings.as_mut() else {
+            return false;
+        };
+        let [prp1, prp2] = pointer;
+        let words = [
+            u64::from(opcode) | (u64::from(cid) << 16) | (u64::from(ns.nsid()) << 32),
+            0,
+            0,
+            prp1,
+            prp2,
+            lba,
+            u64::from(nblocks - 1), // NLB is 0's based
+            0,
+        ];
+        // `map_err(drop)`: the error is dropped on its own path, not the whole `Result` (an
+        // out-of-line drop call) on every submit.
+        if rings
+            .sq
+            .write_u64s_at(usize::from(self.sq_tail) * SQE_BYTES, &words)
+            .map_err(drop)
+            .is_err()
+        {
+            return false;
+        }
+        self.free_head = slot.next_free;
+        slot.tag = tag;
+        slot.seen_at = None;
+        slot.state = SlotState::Outstanding;
+        slot.opcode = opcode;
+        slot.abort_requested = false;
+        slot.no_timeout = false;
+        self.outstanding += 1;
+        self.sq_room -= 1;
+        self.sq_tail = self.next_index(self.sq_tail);
+        true
+    }
+
+    /// Reads and writes the fast path turned down: each check again, with its error.
+    #[cold]
+    #[inline(never)]
+    fn submit_rw_general(
+        &mut self,
+        opcode: u8,
+        ns: &Namespace,
+        tag: u64,
+        lba: u64,
+        nblocks: u32,
+        iovs: &[IoVec],
+    ) -> Result<(), NvmeError> {
+        let len_bytes = u64::from(nblocks) * u64::from(ns.block_size_bytes());
         let command = lba_command(opcode, ns, lba, nblocks)?;
         if len_bytes > ns.max_transfer_bytes() {
             return Err(NvmeError::InvalidRequest {
@@ -663,33 +802,31 @@ impl<R: Registers> QueuePair<R> {
         self.submit_command(tag, command, iovs, len_bytes)
     }
 
-    /// Whether new commands may be submitted (see [`check_usable`](Self::check_usable)).
-    #[inline(always)]
-    fn is_usable(&self) -> bool {
-        !self.disconnected
-            && self.shared.generation.load(Ordering::Acquire) == self.generation
-            && self.shared.state.load(Ordering::Acquire) != STATE_FAILED
-    }
-
     fn check_usable(&mut self) -> Result<(), NvmeError> {
-        if self.disconnected
-            || self.shared.generation.load(Ordering::Acquire) != self.generation
-            || self.shared.state.load(Ordering::Acquire) == STATE_FAILED
-        {
+        if self.shared.usable_epoch.load(Ordering::Acquire) != self.epoch {
             return Err(NvmeError::Disconnected { qid: self.qid });
         }
         Ok(())
     }
 
+    /// Takes the first free slot.
     fn take_slot(&mut self) -> Result<u16, NvmeError> {
-        // let-else, not ok_or: the error is built only when it is returned (no drop glue per I/O).
-        let Some(cid) = self.free.pop() else {
+        let cid = self.free_head;
+        let Some(slot) = self.slots.get_mut(usize::from(cid)) else {
             return Err(NvmeError::NoFreeSlot {
                 qid: self.qid,
                 depth: self.slots.len() as u16,
             });
         };
+        self.free_head = slot.next_free;
         Ok(cid)
+    }
+
+    /// Puts a slot back on the free list (its state must already be `Free`).
+    #[inline(always)]
+    fn give_back_slot(&mut self, cid: u16) {
+        self.slots[usize::from(cid)].next_free = self.free_head;
+        self.free_head = cid;
     }
 
     fn submit_command(
@@ -726,7 +863,7 @@ impl<R: Registers> QueuePair<R> {
                 }
                 Err(error) => {
                     self.release_bounce(cid);
-                    self.free.push(cid);
+                    self.give_back_slot(cid);
                     return Err(error);
                 }
             }
@@ -753,7 +890,7 @@ impl<R: Registers> QueuePair<R> {
             None => Err(NvmeError::Disconnected { qid: self.qid }),
         };
         if let Err(error) = written {
-            self.free.push(cid);
+            self.give_back_slot(cid);
             return Err(error);
         }
         command.dptr = [self.lists_iova + offset as u64, 0];
@@ -896,33 +1033,6 @@ impl<R: Registers> QueuePair<R> {
         Ok(pointer)
     }
 
-    /// Copies a finished bounced read back into its iovecs and frees the bounce buffer.
-    fn finish_bounce(&mut self, cid: u16, success: bool) {
-        let index = self.slots[usize::from(cid)].bounce;
-        if index == NO_BOUNCE {
-            return;
-        }
-        let bounce_use = &self.bounce_uses[usize::from(index)];
-        if success && bounce_use.copy_back {
-            if let Some(rings) = self.rings.as_ref() {
-                let mut offset = usize::from(index) * self.bounce_buffer_bytes;
-                for iov in &bounce_use.iovs {
-                    // SAFETY: `IoVec::new`'s contract: the caller's range is valid and
-                    // touched by nobody else until this completion is handed back, which
-                    // happens only after this copy.
-                    let target = unsafe {
-                        std::slice::from_raw_parts_mut(iov.addr() as *mut u8, iov.len_bytes())
-                    };
-                    if let Err(error) = rings.bounce.read_at(offset, target) {
-                        tracing::error!(%error, "nvme: bounce buffer copy back failed");
-                    }
-                    offset += iov.len_bytes();
-                }
-            }
-        }
-        self.release_bounce(cid);
-    }
-
     fn release_bounce(&mut self, cid: u16) {
         let slot = &mut self.slots[usize::from(cid)];
         if slot.bounce != NO_BOUNCE {
@@ -946,16 +1056,13 @@ impl<R: Registers> QueuePair<R> {
         slot.seen_at = None;
         slot.abort_requested = false;
         slot.no_timeout = no_timeout;
-        self.stats.submitted += 1;
         if self.waiting.is_empty() && self.sq_has_room() {
             self.write_sqe(cid, &command)
         } else {
-            let slot = &mut self.slots[usize::from(cid)];
-            slot.command = command;
-            slot.state = SlotState::Queued;
+            self.slots[usize::from(cid)].state = SlotState::Queued;
             self.stats.queued_sq_full += 1;
             // Capacity is `depth` and every queued id is a distinct slot: never grows.
-            self.waiting.push_back(cid);
+            self.waiting.push_back((cid, command));
             Ok(())
         }
     }
@@ -978,56 +1085,78 @@ impl<R: Registers> QueuePair<R> {
 
     #[inline(always)]
     fn sq_has_room(&self) -> bool {
-        self.next_index(self.sq_tail) != self.sq_head
-            // With shadow doorbells the CQ must never fill (see the module documentation).
-            && (!self.shadow || self.outstanding < self.entries - 1)
+        self.sq_room != 0
+    }
+
+    /// Recomputes `sq_room` from the ring: `entries - 1` less the entries the controller may
+    /// not have fetched yet; with shadow doorbells less every outstanding command instead, so
+    /// that the CQ can never fill (see the module documentation; outstanding commands include
+    /// the unfetched ones, so this is the smaller).
+    fn refresh_sq_room(&mut self) {
+        let used = if self.shadow {
+            u32::from(self.outstanding)
+        } else {
+            ring_distance(self.sq_head, self.sq_tail, self.entries)
+        };
+        self.sq_room = (u32::from(self.entries) - 1).saturating_sub(used) as u16;
     }
 
     /// Encodes `command` straight into the SQ tail slot: one bounds check, eight 64-bit
     /// volatile stores.
     fn write_sqe(&mut self, cid: u16, command: &Command) -> Result<(), NvmeError> {
-        self.write_sqe_words(cid, &command.encode_words())
-    }
-
-    #[inline(always)]
-    fn write_sqe_words(&mut self, cid: u16, words: &[u64; SQE_BYTES / 8]) -> Result<(), NvmeError> {
         let Some(rings) = self.rings.as_mut() else {
             return Err(NvmeError::Disconnected { qid: self.qid });
         };
         rings
             .sq
-            .write_u64s_at(usize::from(self.sq_tail) * SQE_BYTES, words)
+            .write_u64s_at(
+                usize::from(self.sq_tail) * SQE_BYTES,
+                &command.encode_words(),
+            )
             .map_err(NvmeError::dma("submission queue"))?;
-        self.slots[usize::from(cid)].state = SlotState::Outstanding;
+        let slot = &mut self.slots[usize::from(cid)];
+        slot.state = if slot.bounce == NO_BOUNCE {
+            SlotState::Outstanding
+        } else {
+            SlotState::OutstandingBounced
+        };
         self.outstanding += 1;
+        self.sq_room -= 1;
         self.sq_tail = self.next_index(self.sq_tail);
-        self.sq_unrung = true;
         Ok(())
     }
 
-    /// Rings the SQ tail doorbell if entries were written since the last ring. The release
-    /// fence orders the entries' stores before the doorbell's (shadow or MMIO) store.
+    /// Rings the SQ tail doorbell if entries were written since the last ring (the tail moved
+    /// since it was last published: between two rings at most `entries - 1` entries are
+    /// written, so a moved tail never comes back to the published one). The release fence
+    /// orders the entries' stores before the doorbell's (shadow or MMIO) store.
+    #[inline]
     pub fn flush(&mut self) -> Result<(), NvmeError> {
-        if self.sq_unrung {
-            std::sync::atomic::fence(Ordering::Release);
-            self.sq_unrung = false;
-            let tail = self.sq_tail;
-            let old = std::mem::replace(&mut self.sq_tail_published, tail);
-            if self.shadow {
-                self.stats.sq_shadow_updates += 1;
-                let offset =
-                    spec::shadow_sq_tail_offset(self.qid, self.shared.doorbell_stride_bytes);
-                let needed = self
-                    .shared
-                    .shadow_update(offset as usize, tail, old, self.entries)?;
-                if !needed && self.qid != 0 {
-                    return Ok(());
-                }
-            }
-            self.stats.sq_doorbells += 1;
-            self.regs.write32(self.sq_doorbell, u32::from(tail))?;
+        if self.sq_tail != self.sq_tail_published {
+            self.ring_sq()
+        } else {
+            Ok(())
         }
-        Ok(())
+    }
+
+    /// [`flush`](Self::flush)'s doorbell write.
+    #[inline(never)]
+    fn ring_sq(&mut self) -> Result<(), NvmeError> {
+        std::sync::atomic::fence(Ordering::Release);
+        let tail = self.sq_tail;
+        let old = std::mem::replace(&mut self.sq_tail_published, tail);
+        if self.shadow {
+            self.stats.sq_shadow_updates += 1;
+            let offset = spec::shadow_sq_tail_offset(self.qid, self.shared.doorbell_stride_bytes);
+            let needed = self
+                .shared
+                .shadow_update(offset as usize, tail, old, self.entries)?;
+            if !needed && self.qid != 0 {
+                return Ok(());
+            }
+        }
+        self.stats.sq_doorbells += 1;
+        self.regs.write32(self.sq_doorbell, u32::from(tail))
     }
 
     /// Publishes the CQ head: shadow slot, then MMIO when the controller asked for it.
@@ -1067,59 +1196,26 @@ impl<R: Registers> QueuePair<R> {
             return Ok(self.fail_all(state == STATE_FAILED, &mut on_complete));
         }
         self.flush()?;
-        let mut reaped = 0u32;
-        let mut result = Ok(());
-        while reaped < max {
-            let Some(rings) = self.rings.as_ref() else {
-                return Err(NvmeError::Disconnected { qid: self.qid });
-            };
-            let offset = usize::from(self.cq_head) * CQE_BYTES;
-            // Cheap early exit on the phase bit (DW3 bit 16): one 32-bit load.
-            let dw3 = rings
-                .cq
-                .read_u32_at(offset + 12)
-                .map_err(NvmeError::dma("completion queue"))?;
-            if (dw3 & (1 << 16) != 0) != self.phase {
-                break;
-            }
-            // Read the rest of the entry (and the data it announces) only after the phase.
-            std::sync::atomic::fence(Ordering::Acquire);
-            let words = rings
-                .cq
-                .read_u64s_at::<2>(offset)
-                .map_err(NvmeError::dma("completion queue"))?;
-            let completion = Completion::from_words(words);
-            self.advance_cq_head();
-            if let Err(error) = self.validate(&completion) {
+        let mut broken = None;
+        let reaped = self.reap(max, &mut on_complete, &mut broken);
+        self.stats.completed += u64::from(reaped);
+        self.refresh_sq_room();
+        if reaped > 0 || broken.is_some() {
+            self.ring_cq()?;
+        }
+        if let Some(error) = broken {
+            if let NvmeError::BadCompletion { .. } = error {
                 self.stats.bad_completions += 1;
                 self.shared.needs_reset.store(true, Ordering::Release);
                 tracing::error!(%error, "nvme: broken completion entry");
-                result = Err(error);
-                break;
             }
-            self.sq_head = completion.sq_head;
-            let cid = usize::from(completion.cid);
-            if self.slots[cid].bounce != NO_BOUNCE {
-                self.finish_bounce(completion.cid, completion.status.is_success());
-            }
-            let tag = self.slots[cid].tag;
-            self.slots[cid].state = SlotState::Free;
-            self.outstanding -= 1;
-            self.free.push(completion.cid);
-            self.stats.completed += 1;
-            reaped += 1;
-            on_complete(tag, &completion);
+            return Err(error);
         }
-        if reaped > 0 || result.is_err() {
-            self.ring_cq()?;
-        }
-        result?;
         if !self.waiting.is_empty() {
             while self.sq_has_room() {
-                let Some(cid) = self.waiting.pop_front() else {
+                let Some((cid, command)) = self.waiting.pop_front() else {
                     break;
                 };
-                let command = self.slots[usize::from(cid)].command;
                 self.write_sqe(cid, &command)?;
             }
             self.flush()?;
@@ -1133,51 +1229,121 @@ impl<R: Registers> QueuePair<R> {
         Ok(reaped)
     }
 
-    fn advance_cq_head(&mut self) {
-        self.cq_head += 1;
-        if self.cq_head == self.entries {
-            self.cq_head = 0;
-            self.phase = !self.phase;
+    /// Reaps up to `max` completion entries: returns how many were handed to `on_complete`;
+    /// `broken` gets the error that stopped the walk (a broken entry, consumed; or the CQ
+    /// unreadable), written only then.
+    ///
+    /// Each entry's effect (CQ head, phase, SQ head, the slot freed) is stored in `self`
+    /// before its callback runs, so a callback that unwinds leaves the pair consistent. Every
+    /// entry is validated (NVMe Base 2.0, 4.6.1) before anything in it is trusted, the checks
+    /// merged into one branch for the common case: the command id names an outstanding
+    /// zero-copy request, the SQ id is this queue's, and the SQ head lies between the previous
+    /// head and the tail.
+    #[inline(always)]
+    fn reap<F>(&mut self, max: u32, on_complete: &mut F, broken: &mut Option<NvmeError>) -> u32
+    where
+        F: FnMut(u64, &Completion),
+    {
+        let Some(rings) = self.rings.as_ref() else {
+            *broken = Some(NvmeError::Disconnected { qid: self.qid });
+            return 0;
+        };
+        // SQ entries submitted and not yet known fetched: how far the next SQ head may move.
+        let mut unfetched = ring_distance(self.sq_head, self.sq_tail, self.entries);
+        let mut budget = max;
+        while budget != 0 {
+            let offset = usize::from(self.cq_head) * CQE_BYTES;
+            // DW2-DW3 in one aligned 64-bit load: the phase tag (DW3 bit 16) and, from the
+            // same load, the command id, status, SQ id and SQ head it vouches for (a
+            // controller writes an entry's dwords in order, DW3 last: when the new tag shows,
+            // so does the DW2 beside it).
+            let high = match rings.cq.read_u64s_at::<1>(offset + 8) {
+                Ok([high]) => high,
+                Err(error) => {
+                    *broken = Some(NvmeError::dma("completion queue")(error));
+                    break;
+                }
+            };
+            if ((high >> 32) as u32 ^ self.phase_bit) & PHASE_BIT != 0 {
+                break;
+            }
+            // Read the rest of the entry (and the data it announces) only after the phase.
+            std::sync::atomic::fence(Ordering::Acquire);
+            let low = match rings.cq.read_u64s_at::<1>(offset) {
+                Ok([low]) => low,
+                Err(error) => {
+                    *broken = Some(NvmeError::dma("completion queue")(error));
+                    break;
+                }
+            };
+            let words = [low, high];
+            let completion = Completion::from_words(words);
+            // Consumed whether or not it is valid.
+            let head = self.cq_head + 1;
+            if head == self.entries {
+                self.cq_head = 0;
+                self.phase_bit ^= PHASE_BIT;
+            } else {
+                self.cq_head = head;
+            }
+            let moved = ring_distance(self.sq_head, completion.sq_head, self.entries);
+            // A valid entry's DW2 (SQ head | SQ id << 16) less the queue's id so shifted is
+            // its SQ head, below `entries`; another SQ id leaves 65536 or more (or wraps):
+            // one compare for both.
+            let queue_ok = ((words[1] as u32).wrapping_sub(self.sq_id_bits)
+                < u32::from(self.entries))
+                & (moved <= unfetched);
+            let slot = match self.slots.get_mut(usize::from(completion.cid)) {
+                Some(slot) if queue_ok && slot.state == SlotState::Outstanding => slot,
+                Some(slot) if queue_ok && slot.state == SlotState::OutstandingBounced => {
+                    finish_bounce(
+                        slot,
+                        &mut self.bounce_free,
+                        &self.bounce_uses,
+                        &rings.bounce,
+                        self.bounce_buffer_bytes,
+                        completion.status.is_success(),
+                    );
+                    slot
+                }
+                _ => {
+                    *broken = Some(self.bad_completion(words));
+                    break;
+                }
+            };
+            unfetched -= moved;
+            self.sq_head = completion.sq_head;
+            slot.state = SlotState::Free;
+            slot.next_free = self.free_head;
+            self.free_head = completion.cid;
+            self.outstanding -= 1;
+            budget -= 1;
+            on_complete(slot.tag, &completion);
         }
+        max - budget
     }
 
-    /// Checks one completion entry against what was submitted (4.6.1).
-    fn validate(&self, completion: &Completion) -> Result<(), NvmeError> {
-        let bad = |reason| NvmeError::BadCompletion {
+    /// Names the first check a completion entry (as read, two words) failed (4.6.1).
+    #[cold]
+    #[inline(never)]
+    fn bad_completion(&self, words: [u64; 2]) -> NvmeError {
+        let completion = Completion::from_words(words);
+        let reason = match self.slots.get(usize::from(completion.cid)) {
+            None => "command id out of range",
+            Some(slot) if !slot.state.is_outstanding() => "command id not outstanding",
+            Some(_) if completion.sq_id != self.qid => "completion names another submission queue",
+            Some(_) if completion.sq_head >= self.entries => "sq_head beyond the queue",
+            // The new head lies between the old head and the tail (inclusive), modulo the
+            // ring: whatever else failed, it was this.
+            Some(_) => "sq_head outside the submitted range",
+        };
+        NvmeError::BadCompletion {
             qid: self.qid,
             cid: completion.cid,
             sq_head: completion.sq_head,
             sq_id: completion.sq_id,
             reason,
-        };
-        match self.slots.get(usize::from(completion.cid)) {
-            None => return Err(bad("command id out of range")),
-            Some(slot) if slot.state != SlotState::Outstanding => {
-                return Err(bad("command id not outstanding"))
-            }
-            Some(_) => {}
         }
-        if completion.sq_id != self.qid {
-            return Err(bad("completion names another submission queue"));
-        }
-        if completion.sq_head >= self.entries {
-            return Err(bad("sq_head beyond the queue"));
-        }
-        // The new head lies between the old head and the tail (inclusive), modulo the ring
-        // (every index is below `entries`: a conditional add, not a division).
-        let ring_distance = |from: u16, to: u16| {
-            if to >= from {
-                to - from
-            } else {
-                to + self.entries - from
-            }
-        };
-        let moved = ring_distance(self.sq_head, completion.sq_head);
-        let submitted = ring_distance(self.sq_head, self.sq_tail);
-        if moved > submitted {
-            return Err(bad("sq_head outside the submitted range"));
-        }
-        Ok(())
     }
 
     /// Hands every request back with a teardown status; the pair is then disconnected.
@@ -1186,6 +1352,7 @@ impl<R: Registers> QueuePair<R> {
         F: FnMut(u64, &Completion),
     {
         self.disconnected = true;
+        self.epoch = DISCONNECTED_EPOCH;
         let status = teardown_status(controller_failed);
         let mut failed = 0u32;
         self.waiting.clear();
@@ -1195,7 +1362,7 @@ impl<R: Registers> QueuePair<R> {
             }
             self.slots[cid].state = SlotState::Free;
             self.release_bounce(cid as u16);
-            self.free.push(cid as u16);
+            self.give_back_slot(cid as u16);
             failed += 1;
             let completion = Completion {
                 dw0: 0,
@@ -1203,12 +1370,13 @@ impl<R: Registers> QueuePair<R> {
                 sq_head: self.sq_head,
                 sq_id: self.qid,
                 cid: cid as u16,
-                phase: self.phase,
+                phase: self.phase_bit != 0,
                 status,
             };
             on_complete(self.slots[cid].tag, &completion);
         }
         self.outstanding = 0;
+        self.refresh_sq_room();
         self.stats.failed_by_reset += u64::from(failed);
         if failed > 0 {
             tracing::warn!(
@@ -1243,7 +1411,7 @@ impl<R: Registers> QueuePair<R> {
         self.last_timeout_check = Some(now);
         for (cid, slot) in self.slots.iter_mut().enumerate() {
             let cid = cid as u16;
-            if slot.state != SlotState::Outstanding || slot.no_timeout {
+            if !slot.state.is_outstanding() || slot.no_timeout {
                 continue;
             }
             let Some(seen_at) = slot.seen_at else {
@@ -1290,6 +1458,53 @@ impl<R: Registers> Drop for QueuePair<R> {
                 self.shared.lock_orphans().push(rings);
             }
         }
+    }
+}
+
+/// Copies a finished bounced read back into its iovecs and frees the bounce buffer (the
+/// queue pair's fields passed one by one: the completion walk holds the CQ borrowed).
+#[cold]
+#[inline(never)]
+fn finish_bounce(
+    slot: &mut Slot,
+    bounce_free: &mut Vec<u16>,
+    bounce_uses: &[BounceUse],
+    bounce: &DmaBuffer,
+    bounce_buffer_bytes: usize,
+    success: bool,
+) {
+    let index = slot.bounce;
+    let Some(bounce_use) = bounce_uses.get(usize::from(index)) else {
+        return;
+    };
+    if success && bounce_use.copy_back {
+        let mut offset = usize::from(index) * bounce_buffer_bytes;
+        for iov in &bounce_use.iovs {
+            // SAFETY: `IoVec::new`'s contract: the caller's range is valid and touched by
+            // nobody else until this completion is handed back, which happens only after this
+            // copy.
+            let target =
+                unsafe { std::slice::from_raw_parts_mut(iov.addr() as *mut u8, iov.len_bytes()) };
+            if let Err(error) = bounce.read_at(offset, target) {
+                tracing::error!(%error, "nvme: bounce buffer copy back failed");
+            }
+            offset += iov.len_bytes();
+        }
+    }
+    // Capacity is the number of bounce buffers, each given back once: never grows.
+    bounce_free.push(index);
+    slot.bounce = NO_BOUNCE;
+}
+
+/// How far `to` lies after `from` on a ring of `entries` (`from` below `entries`; a `to`
+/// beyond the ring gives a distance beyond it). A conditional add, not a division.
+#[inline(always)]
+fn ring_distance(from: u16, to: u16, entries: u16) -> u32 {
+    let (from, to) = (u32::from(from), u32::from(to));
+    if to >= from {
+        to - from
+    } else {
+        to + u32::from(entries) - from
     }
 }
 

@@ -614,6 +614,63 @@ fn hostile_completions_are_errors_not_panics() {
     assert_eq!(done[0].0, 1);
 }
 
+/// The completion path checks SQ id and SQ head range with one compare on DW2: every way a
+/// hostile DW2 can be wrong is still caught, with its own reason, and nothing completes.
+#[test]
+fn hostile_sq_id_and_sq_head_are_each_caught() {
+    let (mem, model, mut ctrlr) = setup(ModelOptions::default());
+    let ns = ctrlr.namespace(1).expect("ns").clone();
+    let mut qpair = ctrlr
+        .alloc_io_qpair(&QueuePairOptions {
+            entries: 16,
+            depth: 8,
+            ..QueuePairOptions::default()
+        })
+        .expect("qpair");
+    let qid = qpair.qid();
+    assert!(qid > 0, "an I/O queue: SQ ids below it exist");
+    model.set_auto_execute(false);
+    let buf = buffer(&mem, 4096);
+    let iov = IoVec::from_dma_buffer(&buf, 0, 512).expect("iov");
+    qpair.submit_read(&ns, 7, 0, 1, &[iov]).expect("submit");
+    qpair.flush().expect("doorbell");
+    // (SQ id, SQ head, reason): the SQ ids above and below this queue's (the second wraps
+    // the subtraction), an SQ head at and far past the ring's end with the right SQ id.
+    let cases = [
+        (qid + 1, 1, "completion names another submission queue"),
+        (qid - 1, 1, "completion names another submission queue"),
+        (u16::MAX, 0, "completion names another submission queue"),
+        (qid, 16, "sq_head beyond the queue"),
+        (qid, u16::MAX, "sq_head beyond the queue"),
+    ];
+    for (sq_id, sq_head, want) in cases {
+        let mut entry = [0u8; 16];
+        entry[8..10].copy_from_slice(&sq_head.to_le_bytes());
+        entry[10..12].copy_from_slice(&sq_id.to_le_bytes());
+        // Command id 0: the outstanding read's.
+        model.post_raw_entry(qid, entry, false);
+        match qpair.process_completions(16, |_, _| panic!("no completion for a bad entry")) {
+            Err(NvmeError::BadCompletion { reason, .. }) => {
+                assert_eq!(reason, want, "SQ id {sq_id}, SQ head {sq_head}")
+            }
+            other => panic!("SQ id {sq_id}, SQ head {sq_head}: {other:?}"),
+        }
+    }
+    assert_eq!(qpair.stats().bad_completions, cases.len() as u64);
+    // The read is still outstanding; its real completion is accepted.
+    assert_eq!(qpair.in_flight(), 1);
+    model.post_raw_completion(qid, 0, 1);
+    let mut done = Vec::new();
+    qpair
+        .process_completions(16, |tag, cpl| done.push((tag, *cpl)))
+        .expect("poll");
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].0, 7);
+    let stats = qpair.stats();
+    assert_eq!((stats.submitted, stats.completed), (1, 1));
+    assert_eq!(qpair.in_flight(), 0);
+}
+
 #[test]
 fn async_events_and_queue_lifecycle() {
     let (_mem, model, mut ctrlr) = setup(ModelOptions {
