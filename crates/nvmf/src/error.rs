@@ -1,5 +1,6 @@
-//! The target's one error type (STYLE #10): a failure of a management operation (RPC, `-c`).
-//! What a peer sends never becomes one of these: it gets an NVMe status or a termination
+//! The crate's one error type (STYLE #10): a failure of a management operation (RPC, `-c`)
+//! of the target, or of the initiator's setup path (attach, connect, reconnect). What a peer
+//! sends to the target never becomes one of these: it gets an NVMe status or a termination
 //! request on its own connection (`conn.rs`).
 
 use std::net::SocketAddr;
@@ -81,4 +82,32 @@ pub enum NvmfError {
         method: String,
         reason: String,
     },
+    // The initiator (`host/`).
+    #[error("connecting to {addr}")]
+    HostConnect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("NVMe/TCP connection to {addr}: {what} timed out after {timeout_ms} ms")]
+    HostTimeout {
+        addr: SocketAddr,
+        what: &'static str,
+        timeout_ms: u64,
+    },
+    #[error("NVMe/TCP connection to {addr} failed during {what}")]
+    HostConnection {
+        addr: SocketAddr,
+        what: &'static str,
+    },
+    #[error("NVMe/TCP controller at {addr}: {what} failed: {status}")]
+    HostCommand {
+        addr: SocketAddr,
+        what: &'static str,
+        status: String,
+    },
+    #[error("NVMe/TCP controller at {addr}: {reason}")]
+    HostController { addr: SocketAddr, reason: String },
+    #[error("NVMe/TCP controller {name:?}: no I/O queue left ({granted} granted)")]
+    HostNoQueue { name: String, granted: u16 },
 }

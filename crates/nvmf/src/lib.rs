@@ -13,15 +13,20 @@
 //!   errors answered with a C2HTermReq); `ctrlr.rs`: controllers, property registers and
 //!   admin commands; `discovery.rs`: the discovery log page.
 //! - [`config`]: SPDK's `nvmf_*` parameters, parsed the same for a `-c` file and for RPC.
+//! - [`host`]: the initiator: `bdev_nvme_attach_controller -t tcp` makes one bdev per
+//!   namespace of a remote subsystem (one TCP connection per channel), with SPDK's reconnect
+//!   parameters.
 //!
-//! `unsafe` is confined to `sys.rs`: receiving into DMA memory and `sendmsg` over iovecs that
-//! point into it.
+//! `unsafe` is confined to `sys.rs` (receiving into DMA memory or a bdev I/O's iovecs,
+//! `sendmsg` over iovecs that point into them) and to the initiator's iovecs over its own
+//! setup-path buffers (`host/qpair.rs`, `host/bdev.rs`).
 
 pub mod config;
 mod conn;
 mod ctrlr;
 mod discovery;
 mod error;
+pub mod host;
 pub mod pdu;
 mod poll_group;
 mod subsystem;
