@@ -3,8 +3,9 @@
 //! MiB/s and latency (and `--json`). Without `-c` it runs on a 64 MiB malloc bdev, so it
 //! works on a fresh machine with no set-up.
 //!
-//! NVMe: `bdev_nvme_attach_controller` (SPDK's method, PCIe only) attaches a controller bound
-//! to `vfio-pci` and creates one bdev per namespace (`Nvme0n1`, ...); its admin queue is
+//! NVMe: `bdev_nvme_attach_controller` (SPDK's method) attaches a PCIe controller bound to
+//! `vfio-pci`, or with `trtype` TCP a remote NVMe/TCP subsystem (`pollux_nvmf::host`), and
+//! creates one bdev per namespace (`Nvme0n1`, ...); its admin queue is
 //! polled every [`NVME_ADMIN_POLL_US`] on the app thread while the jobs run, and the
 //! controllers are detached (shut down) when the run ends.
 //!
@@ -32,6 +33,7 @@ use pollux_cli::error_chain;
 use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
 use pollux_nvme::bdev::NvmeModule;
+use pollux_nvmf::host::NvmfHostModule;
 use pollux_reactor::{send_msg, App, AppConfig, InterruptId, PollStatus, PollerId, ThreadCtx};
 use pollux_virtio::bdev::VirtioModule;
 
@@ -152,6 +154,7 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<bool, Stri
             let mut table = MethodTable::with_builtin();
             pollux_nvme::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
             pollux_virtio::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
+            pollux_nvmf::host::register_methods(&mut table).map_err(|e| error_chain(&e))?;
             config::load_file(path, &registry, &table, Some(&dma)).map_err(|e| error_chain(&e))?;
         }
         None if args.wait_for_tests => {}
@@ -219,6 +222,7 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<bool, Stri
     // The jobs have dropped their channels (deleting their queue pairs): shut the NVMe
     // controllers down before the DMA memory goes away with this function.
     NvmeModule::global().detach_all(&registry);
+    NvmfHostModule::global().detach_all(&registry);
     VirtioModule::global().detach_all(&registry);
     app_result?;
     if !started.load(Ordering::Relaxed) {
@@ -262,9 +266,12 @@ fn start(
         send_msg(&thread, move |ctx| start_jobs(ctx, core_specs, job_shared))
             .map_err(|_| format!("could not start the jobs of core {core}"))?;
     }
-    if !NvmeModule::global().controller_names().is_empty() {
+    if !NvmeModule::global().controller_names().is_empty()
+        || !NvmfHostModule::global().controller_names().is_empty()
+    {
+        // PCIe: health, events, resets; TCP: Keep Alive at KATO / 2 and reconnects.
         let admin = ctx.register_poller("nvme_admin", NVME_ADMIN_POLL_US, |_ctx| {
-            if NvmeModule::global().poll_admin() > 0 {
+            if NvmeModule::global().poll_admin() + NvmfHostModule::global().poll_admin() > 0 {
                 PollStatus::Busy
             } else {
                 PollStatus::Idle

@@ -17,6 +17,7 @@ use pollux_bdev::BdevRegistry;
 use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::DmaMemory;
 use pollux_nvme::bdev::NvmeModule;
+use pollux_nvmf::host::NvmfHostModule;
 use pollux_reactor::{send_msg, App, AppConfig, PollStatus, ThreadCtx, ThreadHandle};
 use pollux_rpc::error::code;
 use pollux_rpc::{
@@ -210,7 +211,7 @@ pub fn run(
             }
             // Controllers may be attached over RPC at any time: poll their admin queues.
             let admin = ctx.register_poller("nvme_admin", NVME_ADMIN_POLL_US, |_ctx| {
-                if NvmeModule::global().poll_admin() > 0 {
+                if NvmeModule::global().poll_admin() + NvmfHostModule::global().poll_admin() > 0 {
                     PollStatus::Busy
                 } else {
                     PollStatus::Idle
@@ -236,6 +237,7 @@ pub fn run(
     // Flush the last answers (spdk_kill_instance's) and remove the socket.
     drop(server.lock().unwrap_or_else(|p| p.into_inner()).take());
     NvmeModule::global().detach_all(&registry);
+    NvmfHostModule::global().detach_all(&registry);
     VirtioModule::global().detach_all(&registry);
     app_result?;
     if let Some(message) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {

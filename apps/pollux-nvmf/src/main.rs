@@ -39,6 +39,7 @@ use pollux_cli::error_chain;
 use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
 use pollux_nvme::bdev::NvmeModule;
+use pollux_nvmf::host::NvmfHostModule;
 use pollux_nvmf::NvmfTarget;
 use pollux_reactor::{App, AppConfig, PollStatus, ThreadCtx};
 use pollux_rpc::{
@@ -243,6 +244,7 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
     drop(server.lock().unwrap_or_else(|p| p.into_inner()).take());
     target.shutdown();
     NvmeModule::global().detach_all(&registry);
+    NvmfHostModule::global().detach_all(&registry);
     VirtioModule::global().detach_all(&registry);
     result?;
     if let Some(message) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -255,7 +257,9 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
 /// the virtio-user back-ends, on the app thread.
 fn register_admin_pollers(ctx: &mut ThreadCtx, registry: Arc<BdevRegistry>) {
     let nvme = ctx.register_poller("nvme_admin", NVME_ADMIN_POLL_US, |_ctx| {
-        PollStatus::from_busy(NvmeModule::global().poll_admin() > 0)
+        PollStatus::from_busy(
+            NvmeModule::global().poll_admin() + NvmfHostModule::global().poll_admin() > 0,
+        )
     });
     let virtio = ctx.register_poller("virtio_admin", VIRTIO_ADMIN_POLL_US, move |_ctx| {
         PollStatus::from_busy(VirtioModule::global().poll_admin(&registry) > 0)
@@ -285,6 +289,7 @@ impl Init {
         let mut table = MethodTable::with_builtin();
         pollux_nvme::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
         pollux_virtio::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
+        pollux_nvmf::host::register_methods(&mut table).map_err(|e| error_chain(&e))?;
         let bdevs = config::apply(value, path, &self.registry, &table, Some(&self.dma))
             .map_err(|e| error_chain(&e))?;
         if let Err(error) =

@@ -292,10 +292,10 @@ struct NvmeAttach {
     /// Controller name; its bdevs are <name>n<nsid>.
     #[arg(short = 'b', long = "name")]
     name: String,
-    /// Transport type: PCIe.
+    /// Transport type: PCIe or TCP.
     #[arg(short = 't', long = "trtype")]
     trtype: String,
-    /// PCI address (0000:00:04.0).
+    /// PCI address (0000:00:04.0), or the target's IP address (TCP).
     #[arg(short = 'a', long = "traddr")]
     traddr: String,
     /// Address family (NVMe-oF only).
@@ -316,6 +316,25 @@ struct NvmeAttach {
     /// I/O queues to create.
     #[arg(long = "num-io-queues")]
     num_io_queues: Option<u64>,
+    /// TCP header digest.
+    #[arg(short = 'g', long = "hdgst")]
+    hdgst: bool,
+    /// TCP data digest.
+    #[arg(short = 'G', long = "ddgst")]
+    ddgst: bool,
+    /// Seconds to keep reconnecting after a lost connection (-1: forever, 0: no reconnect).
+    #[arg(
+        short = 'l',
+        long = "ctrlr-loss-timeout-sec",
+        allow_hyphen_values = true
+    )]
+    ctrlr_loss_timeout_sec: Option<i64>,
+    /// Seconds between reconnect attempts.
+    #[arg(short = 'o', long = "reconnect-delay-sec")]
+    reconnect_delay_sec: Option<u64>,
+    /// Seconds after which I/O waiting for a reconnect fails.
+    #[arg(short = 'u', long = "fast-io-fail-timeout-sec")]
+    fast_io_fail_timeout_sec: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -605,6 +624,11 @@ fn request(command: &Command) -> Result<(String, Option<Value>), String> {
                 .opt("hostnqn", a.hostnqn.clone())
                 .opt("multipath", a.multipath.clone())
                 .opt("num_io_queues", a.num_io_queues)
+                .opt("hdgst", a.hdgst.then_some(true))
+                .opt("ddgst", a.ddgst.then_some(true))
+                .opt("ctrlr_loss_timeout_sec", a.ctrlr_loss_timeout_sec)
+                .opt("reconnect_delay_sec", a.reconnect_delay_sec)
+                .opt("fast_io_fail_timeout_sec", a.fast_io_fail_timeout_sec)
                 .build(),
         ),
         Command::BdevNvmeDetachController { name } => {
@@ -919,6 +943,34 @@ mod tests {
             ])
             .1,
             Some(json!({"name": "Nvme0", "trtype": "PCIe", "traddr": "0000:00:04.0"}))
+        );
+        assert_eq!(
+            parse(&[
+                "bdev_nvme_attach_controller",
+                "-b",
+                "Nvme0",
+                "-t",
+                "tcp",
+                "-a",
+                "127.0.0.1",
+                "-f",
+                "ipv4",
+                "-s",
+                "4420",
+                "-n",
+                "nqn.2016-06.io.spdk:cnode1",
+                "-l",
+                "-1",
+                "-o",
+                "2",
+                "-g"
+            ])
+            .1,
+            Some(
+                json!({"name": "Nvme0", "trtype": "tcp", "traddr": "127.0.0.1", "adrfam": "ipv4",
+                "trsvcid": "4420", "subnqn": "nqn.2016-06.io.spdk:cnode1", "hdgst": true,
+                "ctrlr_loss_timeout_sec": -1, "reconnect_delay_sec": 2})
+            )
         );
         assert_eq!(
             parse(&["bdev_get_bdevs"]),

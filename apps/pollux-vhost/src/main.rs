@@ -42,6 +42,7 @@ use pollux_cli::error_chain;
 use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
 use pollux_nvme::bdev::NvmeModule;
+use pollux_nvmf::host::NvmfHostModule;
 use pollux_reactor::{App, AppConfig, PollStatus, ThreadCtx};
 use pollux_rpc::{
     register_bdev, register_framework, register_log, register_vhost, BdevRpc, LogHooks, RpcError,
@@ -261,6 +262,7 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
     drop(server.lock().unwrap_or_else(|p| p.into_inner()).take());
     target.shutdown();
     NvmeModule::global().detach_all(&registry);
+    NvmfHostModule::global().detach_all(&registry);
     VirtioModule::global().detach_all(&registry);
     result?;
     if let Some(message) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -273,7 +275,9 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
 /// the virtio-user back-ends (a lost one's bdev is removed), on the app thread.
 fn register_admin_pollers(ctx: &mut ThreadCtx, registry: Arc<BdevRegistry>) {
     let nvme = ctx.register_poller("nvme_admin", NVME_ADMIN_POLL_US, |_ctx| {
-        PollStatus::from_busy(NvmeModule::global().poll_admin() > 0)
+        PollStatus::from_busy(
+            NvmeModule::global().poll_admin() + NvmfHostModule::global().poll_admin() > 0,
+        )
     });
     let virtio = ctx.register_poller("virtio_admin", VIRTIO_ADMIN_POLL_US, move |_ctx| {
         PollStatus::from_busy(VirtioModule::global().poll_admin(&registry) > 0)
@@ -302,6 +306,7 @@ impl Init {
                 let mut table = MethodTable::with_builtin();
                 pollux_nvme::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
                 pollux_virtio::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
+                pollux_nvmf::host::register_methods(&mut table).map_err(|e| error_chain(&e))?;
                 // Both subsystems are checked before anything is created.
                 let controllers =
                     pollux_vhost::config::parse(value, path).map_err(|e| error_chain(&e))?;

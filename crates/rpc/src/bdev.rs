@@ -1,7 +1,7 @@
 //! The bdev layer's methods, with SPDK's names and parameters: `bdev_get_bdevs`,
 //! `bdev_get_iostat`, `bdev_{malloc,null,aio,uring}_{create,delete}`,
-//! `bdev_nvme_attach_controller` / `bdev_nvme_detach_controller`,
-//! `bdev_virtio_attach_controller` / `bdev_virtio_detach_controller`, `bdev_wait_for_examine`,
+//! `bdev_nvme_attach_controller` / `bdev_nvme_detach_controller` (PCIe through
+//! `pollux_nvme::bdev`, `trtype` TCP through `pollux_nvmf::host`), `bdev_virtio_attach_controller` / `bdev_virtio_detach_controller`, `bdev_wait_for_examine`,
 //! `bdev_set_qos_limit` (rate limits, shown in `bdev_get_bdevs`' `assigned_rate_limits`);
 //! and the `bdev` subsystem of `save_config`.
 //!
@@ -21,6 +21,7 @@ use pollux_bdev::modules::{aio, delay, malloc, null, uring};
 use pollux_bdev::{clock, BdevError, BdevInfo, BdevRegistry, IoType};
 use pollux_env::dma::DmaMemory;
 use pollux_nvme::bdev::{self as nvme, NvmeModule, PendingAttach};
+use pollux_nvmf::host::{self as nvmf_host, NvmfHostModule};
 use pollux_virtio::bdev::{self as virtio, VirtioModule};
 use serde_json::{json, Map, Value};
 
@@ -228,10 +229,34 @@ fn set_qos_limit(registry: &BdevRegistry, params: &Params) -> Result<Value, RpcE
     Ok(Value::Bool(true))
 }
 
+/// The controller names both NVMe modules (PCIe and TCP) hold.
+fn nvme_name_taken(bdev: &BdevRpc, name: &String) -> bool {
+    bdev.nvme_module.controller_names().contains(name)
+        || NvmfHostModule::global().controller_names().contains(name)
+}
+
 fn nvme_attach(bdev: &BdevRpc, params: &Params) -> Result<Value, RpcError> {
-    let pending = nvme::parse_attach_options(&params.as_bdev()?)?;
+    let bdev_params = params.as_bdev()?;
+    if nvmf_host::params::is_tcp(&bdev_params) {
+        let options = nvmf_host::parse_tcp_attach(&bdev_params)?;
+        let name = options.name.clone();
+        if nvme_name_taken(bdev, &name) {
+            return Err(RpcError::new(
+                code::EEXIST,
+                format!(
+                    "{}: an NVMe controller named {name:?} is already attached",
+                    params.method()
+                ),
+            ));
+        }
+        let infos = NvmfHostModule::global().attach(&bdev.registry, options)?;
+        let names: Vec<String> = infos.into_iter().map(|info| info.name).collect();
+        tracing::info!(controller = %name, bdevs = ?names, "rpc: nvme/tcp controller attached");
+        return Ok(json!(names));
+    }
+    let pending = nvme::parse_attach_options(&bdev_params)?;
     let name = &pending.options.name;
-    if bdev.nvme_module.controller_names().contains(name) {
+    if nvme_name_taken(bdev, name) {
         return Err(RpcError::new(
             code::EEXIST,
             format!(
@@ -248,6 +273,13 @@ fn nvme_attach(bdev: &BdevRpc, params: &Params) -> Result<Value, RpcError> {
 fn nvme_detach(bdev: &BdevRpc, params: &Params) -> Result<Value, RpcError> {
     let request = nvme::parse_detach(&params.as_bdev()?)?;
     let method = params.method();
+    if let Some(bdevs) = NvmfHostModule::global().bdev_names(&request.name) {
+        for name in &bdevs {
+            refuse_claimed(&bdev.registry, method, name)?;
+        }
+        NvmfHostModule::global().detach_controller(&bdev.registry, &request.name)?;
+        return Ok(Value::Bool(true));
+    }
     let Some(bdevs) = bdev.nvme_module.bdev_names(&request.name) else {
         return Err(RpcError::new(
             code::ENODEV,

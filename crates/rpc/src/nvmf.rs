@@ -62,6 +62,13 @@ fn nvmf_error(params: &Params, error: NvmfError) -> RpcError {
         NvmfError::Listen { .. } | NvmfError::Thread { .. } | NvmfError::Config { .. } => {
             RpcError::internal(message)
         }
+        // The initiator's errors reach RPC through the bdev layer (bdev_nvme_attach_controller).
+        NvmfError::HostConnect { .. }
+        | NvmfError::HostTimeout { .. }
+        | NvmfError::HostConnection { .. }
+        | NvmfError::HostCommand { .. }
+        | NvmfError::HostController { .. }
+        | NvmfError::HostNoQueue { .. } => RpcError::internal(message),
     }
 }
 
