@@ -1,6 +1,7 @@
 # shellcheck shell=sh
 # Guest side of the nvmf suite (see nvmf.conf): the kernel's nvme-tcp initiator against
-# pollux-nvmf on the host (10.0.2.2 over QEMU user networking).
+# pollux-nvmf on the host (10.0.2.2 over QEMU user networking); in the kernel-target variant
+# the reverse, the kernel's nvmet-tcp target on a RAM disk for Pollux's initiator on the host.
 # shellcheck source=/dev/null # lib.sh sits at /pollux in the guest
 . /pollux/lib.sh
 
@@ -27,6 +28,53 @@ ip link set lo up
 ip link set eth0 up || fail "eth0 up"
 ip addr add 10.0.2.15/24 dev eth0 || fail "address"
 ip route add default via "$HOST" || fail "route"
+
+if [ "$1" = kernel-target ]; then
+    step "nvmet-tcp on a RAM disk"
+    modprobe configfs || fail "modprobe configfs"
+    mkdir -p /sys/kernel/config
+    grep -q ' /sys/kernel/config ' /proc/mounts || mount -t configfs none /sys/kernel/config ||
+        fail "mount configfs"
+    modprobe brd rd_nr=1 rd_size=65536 || fail "modprobe brd"
+    wait_for "[ -b /dev/ram0 ]" 10 || fail "no /dev/ram0"
+    modprobe nvmet || fail "modprobe nvmet"
+    modprobe nvmet_tcp || fail "modprobe nvmet_tcp"
+    cfg=/sys/kernel/config/nvmet
+    wait_for "[ -d $cfg/subsystems ]" 10 || fail "no $cfg"
+    mkdir "$cfg/subsystems/$NQN" || fail "subsystem"
+    echo 1 > "$cfg/subsystems/$NQN/attr_allow_any_host" || fail "allow any host"
+    mkdir "$cfg/subsystems/$NQN/namespaces/1" || fail "namespace"
+    echo -n /dev/ram0 > "$cfg/subsystems/$NQN/namespaces/1/device_path" || fail "device_path"
+    echo 1 > "$cfg/subsystems/$NQN/namespaces/1/enable" || fail "enable the namespace"
+    mkdir "$cfg/ports/1" || fail "port"
+    echo tcp > "$cfg/ports/1/addr_trtype" || fail "addr_trtype"
+    echo ipv4 > "$cfg/ports/1/addr_adrfam" || fail "addr_adrfam"
+    echo 0.0.0.0 > "$cfg/ports/1/addr_traddr" || fail "addr_traddr"
+    echo 4420 > "$cfg/ports/1/addr_trsvcid" || fail "addr_trsvcid"
+    ln -s "$cfg/subsystems/$NQN" "$cfg/ports/1/subsystems/$NQN" || fail "link the port"
+    # Listening on 4420 (0x1144 in /proc/net/tcp).
+    wait_for "grep -q ':1144 00000000:0000 0A' /proc/net/tcp" 10 || fail "nothing listens on 4420"
+    step "kernel target ready"
+    # The host's initiator (bdevperf through QEMU's forward) connects, runs, and leaves: stay
+    # up until a connection to 4420 was seen and none has been left for 3 s.
+    established="grep -q ':1144 [0-9A-F]*:[0-9A-F]* 01 ' /proc/net/tcp"
+    wait_for "$established" 240 || fail "no initiator connected to port 4420"
+    echo "an initiator connected"
+    quiet=0
+    tries=3000
+    while [ "$quiet" -lt 30 ]; do
+        if eval "$established"; then quiet=0; else quiet=$((quiet + 1)); fi
+        tries=$((tries - 1))
+        [ "$tries" -gt 0 ] || fail "the initiator did not leave within 300 s"
+        sleep 0.1
+    done
+    dmesg | grep nvmet | tail -n 20
+    dmesg | grep -q "nvmet: creating nvm controller" || fail "nvmet created no controller"
+    if dmesg | grep -qi "nvmet_tcp: .*failed\|nvmet_tcp: .*error"; then
+        fail "nvmet-tcp reported an error"
+    fi
+    exit 0
+fi
 
 step "nvme-tcp"
 modprobe crc32c_generic || fail "modprobe crc32c_generic"
