@@ -44,7 +44,7 @@ if [ "$1" = kernel-target ]; then
     mkdir "$cfg/subsystems/$NQN" || fail "subsystem"
     echo 1 > "$cfg/subsystems/$NQN/attr_allow_any_host" || fail "allow any host"
     mkdir "$cfg/subsystems/$NQN/namespaces/1" || fail "namespace"
-    echo -n /dev/ram0 > "$cfg/subsystems/$NQN/namespaces/1/device_path" || fail "device_path"
+    printf %s /dev/ram0 > "$cfg/subsystems/$NQN/namespaces/1/device_path" || fail "device_path"
     echo 1 > "$cfg/subsystems/$NQN/namespaces/1/enable" || fail "enable the namespace"
     mkdir "$cfg/ports/1" || fail "port"
     echo tcp > "$cfg/ports/1/addr_trtype" || fail "addr_trtype"
