@@ -460,8 +460,10 @@ fn nvme_attach_detach_through_the_model() {
     // TCP goes to the NVMe/TCP initiator, which wants an IP address and a subsystem NQN.
     target.fails(
         "bdev_nvme_attach_controller",
-        Some(json!({"name": "Nvme1", "trtype": "TCP", "traddr": "0000:00:05.0",
-            "subnqn": "nqn.2016-06.io.spdk:cnode1"})),
+        Some(
+            json!({"name": "Nvme1", "trtype": "TCP", "traddr": "0000:00:05.0",
+            "subnqn": "nqn.2016-06.io.spdk:cnode1"}),
+        ),
         code::INVALID_PARAMS,
         "\"traddr\"",
     );
