@@ -438,12 +438,15 @@ impl Layout {
 
     /// Padding between the header (digest included) and the data.
     pub fn pad_bytes(&self) -> usize {
-        self.data_offset() - self.header_bytes()
+        self.data_offset().saturating_sub(self.header_bytes())
     }
 
-    /// Bytes of data (the digest excluded).
+    /// Bytes of data (the digest excluded). [`parse_common_header`] only builds layouts where
+    /// the subtractions hold; saturating keeps a hand-built one from wrapping.
     pub fn data_bytes(&self) -> usize {
-        self.plen as usize - self.data_offset() - if self.ddgst { DIGEST_BYTES } else { 0 }
+        (self.plen as usize)
+            .saturating_sub(self.data_offset())
+            .saturating_sub(if self.ddgst { DIGEST_BYTES } else { 0 })
     }
 
     /// The whole PDU.
@@ -539,6 +542,11 @@ pub fn parse_common_header(ch: &[u8; CH_BYTES], limits: &Limits) -> Result<Layou
         PduType::IcReq | PduType::IcResp | PduType::CapsuleResp | PduType::R2t => {
             if pdo != 0 {
                 return Err(bad_pdo("the PDU carries no data"));
+            }
+            // No data, so no data digest (3.6.2.2): DDGSTF set here would claim 4 bytes
+            // that the PLEN does not hold (found by the nvmf_pdu fuzz target, on an R2T).
+            if ddgst {
+                return Err(bad_flags());
             }
             if plen != header_bytes {
                 return Err(bad_plen("the PDU carries no data"));
@@ -1061,6 +1069,30 @@ mod tests {
     fn fes_fei(result: Result<Decoded<'_>, PduError>) -> (u16, u32) {
         let error = result.expect_err("refused");
         (error.fes(), error.fei())
+    }
+
+    #[test]
+    fn a_data_digest_flag_on_a_pdu_without_data_is_refused() {
+        let digests = Digests {
+            header: false,
+            data: true,
+        };
+        let limits = Limits { digests, ..OPEN };
+        let r2t = Pdu::R2t(R2t {
+            cccid: 1,
+            ttag: 2,
+            r2to: 0,
+            r2tl: 4096,
+        });
+        let mut flagged = encoded(r2t, &[], digests);
+        assert!(decode(&flagged, &limits).is_ok());
+        // DDGSTF with PLEN = HLEN: a digest the PDU has no room for (the fuzz target's
+        // find: the data length underflowed).
+        flagged[1] |= flags::DDGST;
+        assert!(matches!(
+            decode(&flagged, &limits),
+            Err(PduError::BadFlags { .. })
+        ));
     }
 
     #[test]
