@@ -27,6 +27,15 @@
 #                            Optionally SUITE_MEM: the guest's RAM, as QEMU's -m (default 1G); a
 #                            suite with its own memory backend sizes it the same.
 #                            Optionally SUITE_CMDLINE: extra guest kernel parameters.
+#                            Optionally SUITE_KERNEL_PACKAGE: the suite's own guest kernel, an
+#                            extended regular expression for `apt-cache search --names-only`
+#                            (anchor it, e.g. '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$'),
+#                            resolved at run time to the installable match with the newest
+#                            candidate version, downloaded and unpacked like the default kernel
+#                            (the package linux-image-amd64 depends on, Debian 12: 6.1), which
+#                            every other suite boots. SUITE_MODULES come from the suite's kernel;
+#                            compressed modules (.ko.xz, .ko.zst, .ko.gz) are decompressed into
+#                            the initramfs, since busybox's modprobe may not read them.
 #                            Optionally SUITE_HOST_PACKAGES: Debian packages the suite needs on
 #                            the host (e.g. fio for SUITE_HOST_BINS), installed when missing.
 #                            Optionally SUITE_BENCHMARK=1: the suite measures rather than tests;
@@ -112,7 +121,7 @@ apt_update_once() {
 # version: some images carry a newer backported qemu-utils that conflicts with it.
 ensure_host_tools() {
     local missing=0 tool
-    for tool in qemu-system-x86_64 qemu-img cpio depmod modprobe timeout; do
+    for tool in qemu-system-x86_64 qemu-img cpio depmod modprobe timeout xz; do
         command -v "$tool" >/dev/null || missing=1
     done
     [[ -x /bin/busybox ]] && dpkg -s busybox-static >/dev/null 2>&1 || missing=1
@@ -121,9 +130,10 @@ ensure_host_tools() {
     local qemu_version
     qemu_version="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')"
     [[ -n "$qemu_version" && "$qemu_version" != "(none)" ]] || die "no qemu-system-x86 package available"
-    log "installing qemu-system-x86 qemu-utils=$qemu_version busybox-static cpio kmod"
+    log "installing qemu-system-x86 qemu-utils=$qemu_version busybox-static cpio kmod xz-utils"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        --allow-downgrades qemu-system-x86 "qemu-utils=$qemu_version" busybox-static cpio kmod
+        --allow-downgrades qemu-system-x86 "qemu-utils=$qemu_version" busybox-static cpio kmod \
+        xz-utils
 }
 
 # Installs the Debian packages named in the arguments that are not installed yet.
@@ -139,16 +149,49 @@ ensure_host_packages() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 }
 
-# Sets KERNEL_ROOT, KERNEL_VERSION and KERNEL_IMAGE: Debian's current amd64 kernel package,
-# unpacked once into the cache (with depmod run on it).
-ensure_kernel() {
+# Prints the package linux-image-amd64 depends on (Debian's current amd64 kernel).
+default_kernel_package() {
     local package
     package="$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')"
     if [[ -z "$package" ]]; then
         apt_update_once
         package="$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')"
     fi
-    [[ -n "$package" ]] || die "cannot find the package linux-image-amd64 depends on"
+    [[ -n "$package" ]] || { log "error: cannot find the package linux-image-amd64 depends on"; return 1; }
+    printf '%s\n' "$package"
+}
+
+# Prints the package matching the extended regular expression $1 (apt-cache search
+# --names-only) that has an installation candidate, the newest candidate version first.
+resolve_kernel_package() {
+    local pattern="$1" try package
+    for try in 1 2; do
+        local -a names=()
+        mapfile -t names < <(apt-cache search --names-only "$pattern" 2>/dev/null | awk '{print $1}')
+        if [[ "${#names[@]}" -gt 0 ]]; then
+            package="$(apt-cache policy "${names[@]}" 2>/dev/null | awk '
+                /^[^ ]/ { name = $1; sub(/:$/, "", name) }
+                /^ *Candidate:/ && $2 != "(none)" { print $2, name }' |
+                sort -V | tail -n 1 | awk '{print $2}')"
+            if [[ -n "$package" ]]; then
+                printf '%s\n' "$package"
+                return 0
+            fi
+        fi
+        [[ "$try" -eq 1 && "$APT_UPDATED" -eq 0 ]] || break
+        apt_update_once
+    done
+    log "error: no installable package matches SUITE_KERNEL_PACKAGE '$pattern'"
+    return 1
+}
+
+# Sets KERNEL_ROOT, KERNEL_VERSION and KERNEL_IMAGE: kernel package $1 (default: Debian's
+# current amd64 kernel), unpacked once into the cache (with depmod run on it).
+ensure_kernel() {
+    local package="${1:-}"
+    if [[ -z "$package" ]]; then
+        package="$(default_kernel_package)" || return 1
+    fi
     KERNEL_ROOT="$CACHE/kernel/$package"
     if [[ ! -e "$KERNEL_ROOT/.ready" ]]; then
         log "downloading and unpacking $package"
@@ -157,19 +200,19 @@ ensure_kernel() {
         rm -rf "$KERNEL_ROOT"
         # apt-get download warns when the _apt user cannot write here; the download still works.
         (cd "$debs" && apt-get download -q "$package") 2>&1 |
-            { grep -v '^W: Download is performed unsandboxed' || true; } >&2
+            { grep -v '^W: Download is performed unsandboxed' || true; } >&2 || return 1
         local deb
         deb="$(find "$debs" -maxdepth 1 -name "${package}_*.deb" | sort | tail -n 1)"
-        [[ -n "$deb" ]] || die "apt-get download $package produced no .deb in $debs"
+        [[ -n "$deb" ]] || { log "error: apt-get download $package produced no .deb in $debs"; return 1; }
         mkdir -p "$KERNEL_ROOT"
-        dpkg -x "$deb" "$KERNEL_ROOT"
+        dpkg -x "$deb" "$KERNEL_ROOT" || return 1
         KERNEL_VERSION="$(ls "$KERNEL_ROOT/lib/modules")"
-        depmod -b "$KERNEL_ROOT" "$KERNEL_VERSION"
+        depmod -b "$KERNEL_ROOT" "$KERNEL_VERSION" || return 1
         touch "$KERNEL_ROOT/.ready"
     fi
     KERNEL_VERSION="$(ls "$KERNEL_ROOT/lib/modules")"
     KERNEL_IMAGE="$KERNEL_ROOT/boot/vmlinuz-$KERNEL_VERSION"
-    [[ -f "$KERNEL_IMAGE" ]] || die "no kernel image at $KERNEL_IMAGE"
+    [[ -f "$KERNEL_IMAGE" ]] || { log "error: no kernel image at $KERNEL_IMAGE"; return 1; }
 }
 
 # Copies a host file into the initramfs tree at the same path (following links).
@@ -203,7 +246,7 @@ build_initramfs() {
     cp "$VM_DIR/lib.sh" "$VM_DIR/$suite.sh" "$root/pollux/"
 
     # Kernel modules with their dependencies, in the layout modprobe expects.
-    local module line path modules_dir="lib/modules/$KERNEL_VERSION"
+    local module line path dest modules_dir="lib/modules/$KERNEL_VERSION"
     mkdir -p "$root/$modules_dir"
     for module in "${SUITE_MODULES[@]}"; do
         while read -r line; do
@@ -211,8 +254,14 @@ build_initramfs() {
                 insmod\ *)
                     path="${line#insmod }"
                     path="${path%% *}"
-                    mkdir -p "$root$(dirname "${path#"$KERNEL_ROOT"}")"
-                    cp "$path" "$root${path#"$KERNEL_ROOT"}"
+                    dest="$root${path#"$KERNEL_ROOT"}"
+                    mkdir -p "$(dirname "$dest")"
+                    case "$path" in
+                        *.ko.xz) xz -dc "$path" > "${dest%.xz}" ;;
+                        *.ko.zst) zstd -qdc "$path" > "${dest%.zst}" ;;
+                        *.ko.gz) gzip -dc "$path" > "${dest%.gz}" ;;
+                        *) cp "$path" "$dest" ;;
+                    esac
                     ;;
             esac
         done < <(modprobe -d "$KERNEL_ROOT" -S "$KERNEL_VERSION" --show-depends "$module")
@@ -323,6 +372,7 @@ run_suite() {
         die "unknown suite '$suite' (known: $(list_suites | tr '\n' ' '))"
     SUITE_PACKAGES=() SUITE_BINS=() SUITE_HOST_BINS=() SUITE_MODULES=() SUITE_VARIANTS=()
     SUITE_BENCHMARK=0 SUITE_SMP=1 SUITE_MEM=1G SUITE_CMDLINE='' SUITE_HOST_PACKAGES=()
+    SUITE_KERNEL_PACKAGE=''
     unset -f suite_qemu_args suite_host_check suite_host_start suite_host_stop
     # shellcheck source=/dev/null
     source "$VM_DIR/$suite.conf"
@@ -339,6 +389,17 @@ run_suite() {
         (cd "$REPO" && cargo build --release --quiet "${packages[@]}") ||
             { log "$suite: FAIL: cargo build failed"; return 1; }
     fi
+    if [[ -n "$SUITE_KERNEL_PACKAGE" ]]; then
+        local kernel_package
+        if ! kernel_package="$(resolve_kernel_package "$SUITE_KERNEL_PACKAGE")" ||
+            ! ensure_kernel "$kernel_package"; then
+            log "$suite: FAIL: no guest kernel for SUITE_KERNEL_PACKAGE"
+            return 1
+        fi
+    else
+        ensure_kernel || { log "$suite: FAIL: no guest kernel"; return 1; }
+    fi
+    log "$suite: guest kernel $KERNEL_VERSION"
     build_initramfs "$suite"
 
     local variant failed=0
@@ -365,8 +426,6 @@ main() {
     done
     ensure_host_tools
     mkdir -p "$CACHE/logs" "$CACHE/initramfs"
-    ensure_kernel
-    log "guest kernel $KERNEL_VERSION"
 
     local failed=()
     local start=$SECONDS
