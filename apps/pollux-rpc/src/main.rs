@@ -182,6 +182,39 @@ enum Command {
         #[arg(short = 'd', long = "disable")]
         disable: bool,
     },
+    /// Create the ublk target (needs ublk_drv): queues run on the cores of the cpumask.
+    UblkCreateTarget {
+        /// Cores for the ublk queues (default: every core of the app).
+        #[arg(long = "cpumask")]
+        cpumask: Option<String>,
+    },
+    /// Destroy the ublk target (its disks are stopped).
+    UblkDestroyTarget,
+    /// Serve a bdev as /dev/ublkb<UBLK_ID>; prints the id.
+    UblkStartDisk {
+        bdev_name: String,
+        ublk_id: u32,
+        /// Queues (default 1).
+        #[arg(short = 'q', long = "num-queues")]
+        num_queues: Option<u32>,
+        /// Tags per queue (default 128).
+        #[arg(short = 'd', long = "queue-depth")]
+        queue_depth: Option<u32>,
+        /// Pollux's: UBLK_F_USER_COPY (the server copies request data with reads and writes
+        /// on /dev/ublkcN instead of the kernel copying into its buffers).
+        #[arg(long = "user-copy")]
+        user_copy: bool,
+    },
+    /// Recover a ublk disk the kernel holds quiesced after its server died.
+    UblkRecoverDisk { bdev_name: String, ublk_id: u32 },
+    /// Stop a ublk disk (/dev/ublkb<UBLK_ID> goes away).
+    UblkStopDisk { ublk_id: u32 },
+    /// Describe ublk disks (all, or one).
+    UblkGetDisks {
+        /// Only this disk.
+        #[arg(short = 'n', long = "ublk-id")]
+        ublk_id: Option<u32>,
+    },
     /// bdevperf -z: run the configured workload and print its results.
     PerformTests,
     /// Any method, with its params as one JSON object.
@@ -759,6 +792,38 @@ fn request(command: &Command) -> Result<(String, Option<Value>), String> {
                     .build(),
             )
         }
+        Command::UblkCreateTarget { cpumask } => (
+            "ublk_create_target",
+            p().opt("cpumask", cpumask.clone()).build(),
+        ),
+        Command::UblkDestroyTarget => ("ublk_destroy_target", None),
+        Command::UblkStartDisk {
+            bdev_name,
+            ublk_id,
+            num_queues,
+            queue_depth,
+            user_copy,
+        } => (
+            "ublk_start_disk",
+            p().set("bdev_name", bdev_name.as_str())
+                .set("ublk_id", *ublk_id)
+                .opt("num_queues", *num_queues)
+                .opt("queue_depth", *queue_depth)
+                .flag("user_copy", *user_copy)
+                .build(),
+        ),
+        Command::UblkRecoverDisk { bdev_name, ublk_id } => (
+            "ublk_recover_disk",
+            p().set("bdev_name", bdev_name.as_str())
+                .set("ublk_id", *ublk_id)
+                .build(),
+        ),
+        Command::UblkStopDisk { ublk_id } => {
+            ("ublk_stop_disk", p().set("ublk_id", *ublk_id).build())
+        }
+        Command::UblkGetDisks { ublk_id } => {
+            ("ublk_get_disks", p().opt("ublk_id", *ublk_id).build())
+        }
         Command::PerformTests => ("perform_tests", None),
         Command::Call { method, params } => {
             let params = match params {
@@ -858,6 +923,49 @@ mod tests {
         let cli = Cli::try_parse_from(std::iter::once("pollux-rpc").chain(args.iter().copied()))
             .expect("valid command line");
         request(&cli.command).expect("valid request")
+    }
+
+    #[test]
+    fn ublk_command_lines() {
+        assert_eq!(
+            parse(&["ublk_start_disk", "Malloc0", "0", "-q", "2", "-d", "128"]),
+            (
+                "ublk_start_disk".to_string(),
+                Some(
+                    json!({"bdev_name": "Malloc0", "ublk_id": 0, "num_queues": 2, "queue_depth": 128})
+                )
+            )
+        );
+        assert_eq!(
+            parse(&["ublk_start_disk", "Malloc0", "3", "--user-copy"]).1,
+            Some(json!({"bdev_name": "Malloc0", "ublk_id": 3, "user_copy": true}))
+        );
+        assert_eq!(
+            parse(&["ublk_start_disk", "Malloc0", "3"]).1,
+            Some(json!({"bdev_name": "Malloc0", "ublk_id": 3}))
+        );
+        assert_eq!(
+            parse(&["ublk_create_target", "--cpumask", "0x3"]).1,
+            Some(json!({"cpumask": "0x3"}))
+        );
+        assert_eq!(parse(&["ublk_create_target"]).0, "ublk_create_target");
+        assert_eq!(
+            parse(&["ublk_destroy_target"]),
+            ("ublk_destroy_target".to_string(), None)
+        );
+        assert_eq!(
+            parse(&["ublk_recover_disk", "Malloc0", "1"]).1,
+            Some(json!({"bdev_name": "Malloc0", "ublk_id": 1}))
+        );
+        assert_eq!(
+            parse(&["ublk_stop_disk", "1"]).1,
+            Some(json!({"ublk_id": 1}))
+        );
+        assert_eq!(
+            parse(&["ublk_get_disks", "-n", "1"]).1,
+            Some(json!({"ublk_id": 1}))
+        );
+        assert_eq!(parse(&["ublk_get_disks"]).0, "ublk_get_disks");
     }
 
     #[test]

@@ -16,6 +16,9 @@
 //! - [`register_vhost`]: `vhost_create_blk_controller`, `vhost_get_controllers`,
 //!   `vhost_delete_controller`, `vhost_controller_set_coalescing` on a
 //!   [`pollux_vhost::VhostTarget`], and the `vhost_blk` subsystem of `save_config`.
+//! - [`register_ublk`]: `ublk_create_target`, `ublk_destroy_target`, `ublk_start_disk`,
+//!   `ublk_recover_disk`, `ublk_stop_disk`, `ublk_get_disks` on a
+//!   [`pollux_ublk::UblkTarget`], and the `ublk` subsystem of `save_config`.
 //! - [`load_config`]: loads a configuration (`-c`, or `save_config`'s output) by replaying
 //!   each entry through the methods, as SPDK does, so every subsystem that registered its
 //!   methods (bdev, vhost_blk) is recreated with no second parser.
@@ -129,6 +132,7 @@ mod methods;
 mod nvmf;
 mod server;
 mod sys;
+mod ublk;
 mod vhost;
 
 pub use bdev::{pcie_attach, register_bdev, BdevRpc, NvmeAttachFn};
@@ -145,6 +149,7 @@ pub use server::{
     RpcServer, RpcServerConfig, DEFAULT_SOCKET_PATH, MAX_UNSENT_BYTES, READ_CHUNK_BYTES,
     WRITE_CHUNK_BYTES,
 };
+pub use ublk::register_ublk;
 pub use vhost::register_vhost;
 
 pub use pollux_reactor::ThreadCtx;

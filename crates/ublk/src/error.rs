@@ -23,7 +23,7 @@ pub enum UblkError {
     Thread {
         name: String,
         #[source]
-        source: pollux_reactor::ReactorError,
+        source: Box<pollux_reactor::ReactorError>,
     },
     #[error("ublk {ublk_id}: queue_depth must be 1..={max}, got {queue_depth}")]
     QueueDepth {
@@ -67,7 +67,7 @@ pub enum UblkError {
         ublk_id: u32,
         q_id: u16,
         #[source]
-        source: pollux_env::dma::DmaError,
+        source: Box<pollux_env::dma::DmaError>,
     },
     #[error("ublk control ring")]
     ControlRing(#[source] std::io::Error),

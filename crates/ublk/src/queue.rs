@@ -188,7 +188,7 @@ impl Queue {
             .map_err(|source| UblkError::Dma {
                 ublk_id: start.dev_id,
                 q_id: start.q_id,
-                source,
+                source: Box::new(source),
             })?;
         let chan = start
             .desc

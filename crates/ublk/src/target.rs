@@ -248,7 +248,10 @@ impl UblkTarget {
                 Ok(thread) => threads.push(thread),
                 Err(source) => {
                     exit_threads(&threads);
-                    return Err(UblkError::Thread { name, source });
+                    return Err(UblkError::Thread {
+                        name,
+                        source: Box::new(source),
+                    });
                 }
             }
         }
