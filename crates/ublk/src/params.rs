@@ -12,9 +12,10 @@ use crate::sys::{self, IoDesc, ParamBasic, ParamDiscard, Params};
 
 /// Linux sector size: ublk counts in 512-byte sectors whatever the logical block size.
 pub const SECTOR_SHIFT: u32 = 9;
-/// Discard and write-zeroes size the kernel may send in one request, in sectors (4 GiB less
-/// one block of any size up to 4 KiB).
-pub const MAX_DISCARD_SECTORS: u32 = !7;
+/// Blocks one discard or write-zeroes request may cover: the smallest limit among Pollux's
+/// bdev modules (NVMe's 16-bit block count; the nvme bdev does not split these), so the
+/// kernel splits larger ones before they reach the bdev.
+pub const MAX_NO_DATA_BLOCKS: u32 = 65536;
 
 /// The bdev geometry a queue checks requests against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +86,7 @@ pub fn derive_params(
         },
         ..Params::default()
     };
+    let max_no_data_sectors = MAX_NO_DATA_BLOCKS << (u32::from(shift) - SECTOR_SHIFT);
     let unmap = geometry.supports(IoType::Unmap);
     let zeroes = geometry.supports(IoType::WriteZeroes);
     if unmap || zeroes {
@@ -92,8 +94,8 @@ pub fn derive_params(
         params.discard = ParamDiscard {
             discard_alignment: 0,
             discard_granularity: block_size,
-            max_discard_sectors: if unmap { MAX_DISCARD_SECTORS } else { 0 },
-            max_write_zeroes_sectors: if zeroes { MAX_DISCARD_SECTORS } else { 0 },
+            max_discard_sectors: if unmap { max_no_data_sectors } else { 0 },
+            max_write_zeroes_sectors: if zeroes { max_no_data_sectors } else { 0 },
             // The kernel takes single-segment discards only.
             max_discard_segments: 1,
             reserved0: 0,
@@ -212,8 +214,9 @@ mod tests {
         assert_eq!(p.basic.attrs, sys::UBLK_ATTR_VOLATILE_CACHE);
         assert_eq!(p.discard.discard_granularity, 4096);
         assert_eq!(p.discard.max_discard_segments, 1);
-        assert!(p.discard.max_discard_sectors > 0);
-        assert!(p.discard.max_write_zeroes_sectors > 0);
+        // 65536 blocks of 4 KiB, in sectors: what one NVMe command carries.
+        assert_eq!(p.discard.max_discard_sectors, 65536 * 8);
+        assert_eq!(p.discard.max_write_zeroes_sectors, 65536 * 8);
     }
 
     #[test]
