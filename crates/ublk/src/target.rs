@@ -811,6 +811,62 @@ mod tests {
         ));
     }
 
+    fn target() -> (pollux_reactor::Harness, Arc<UblkTarget>) {
+        let harness = pollux_reactor::Harness::new(2);
+        let registry = BdevRegistry::new();
+        let dma = DmaMemory::new(pollux_env::dma::DmaConfig {
+            size_mib: 4,
+            no_huge: true,
+        })
+        .expect("dma");
+        pollux_bdev::modules::malloc::create(
+            &registry,
+            &dma,
+            pollux_bdev::modules::malloc::MallocOptions::from_size_mib(
+                Some("Malloc0".into()),
+                1,
+                4096,
+            ),
+        )
+        .expect("malloc");
+        let target = UblkTarget::new(harness.app().clone(), registry, dma);
+        (harness, target)
+    }
+
+    #[test]
+    fn without_a_target_or_the_module_nothing_starts() {
+        let (_harness, target) = target();
+        let e = target
+            .start_disk(&StartOptions::new("Malloc0", 0))
+            .expect_err("no target");
+        assert!(matches!(e, UblkError::NoTarget), "{e}");
+        assert!(matches!(
+            target.stop_disk(0),
+            Err(UblkError::NotFound { .. })
+        ));
+        assert!(matches!(target.destroy_target(), Err(UblkError::NoTarget)));
+        let mut bad = StartOptions::new("Malloc0", 0);
+        bad.queue_depth = 5000;
+        assert!(matches!(
+            target.start_disk(&bad),
+            Err(UblkError::QueueDepth { .. })
+        ));
+        if std::path::Path::new(sys::CONTROL_PATH).exists() {
+            return; // a host with ublk_drv: the module check below does not apply
+        }
+        let e = target.create_target(None).expect_err("no ublk_drv here");
+        assert!(matches!(e, UblkError::NoDriver { .. }), "{e}");
+        assert!(e.to_string().contains("modprobe ublk_drv"), "{e}");
+        assert!(!target.is_created());
+        assert!(target.disks().is_empty());
+        assert!(target.save_config().is_empty());
+        let mask: CpuMask = std::iter::once(7).collect();
+        assert!(matches!(
+            target.create_target(Some(mask)),
+            Err(UblkError::Cpumask { .. })
+        ));
+    }
+
     #[test]
     fn get_disks_entry_and_config() {
         let info = DiskInfo {
