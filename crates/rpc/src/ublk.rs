@@ -39,7 +39,7 @@ fn ublk_error(method: &str, error: &UblkError) -> RpcError {
         UblkError::QueueDepth { .. } => invalid("queue_depth"),
         UblkError::NumQueues { .. } => invalid("num_queues"),
         UblkError::BadId { .. } => invalid("ublk_id"),
-        UblkError::BlockSize { .. } => invalid("bdev_name"),
+        UblkError::BlockSize { .. } | UblkError::RecoverMismatch { .. } => invalid("bdev_name"),
         UblkError::NoDriver { .. } | UblkError::NoTarget | UblkError::NotFound { .. } => {
             RpcError::new(code::ENODEV, message)
         }

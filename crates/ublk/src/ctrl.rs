@@ -134,6 +134,23 @@ impl Control {
         Ok(())
     }
 
+    /// GET_PARAMS: what SET_PARAMS gave the device (a recovered one: the dead server's).
+    pub fn get_params(&mut self, dev_id: u32) -> Result<Params, UblkError> {
+        let mut out = Params {
+            len: std::mem::size_of::<Params>() as u32,
+            ..Params::default()
+        };
+        let addr = std::ptr::addr_of_mut!(out) as u64;
+        self.command(
+            sys::UBLK_U_CMD_GET_PARAMS,
+            "GET_PARAMS",
+            dev_id,
+            Some((addr, std::mem::size_of::<Params>() as u16)),
+            0,
+        )?;
+        Ok(out)
+    }
+
     /// START_DEV: blocks until every queue fetched every tag, then the disk appears.
     pub fn start_dev(&mut self, dev_id: u32) -> Result<(), UblkError> {
         self.command(

@@ -56,6 +56,15 @@ pub enum UblkError {
         #[source]
         source: Box<pollux_bdev::BdevError>,
     },
+    #[error("ublk {ublk_id}: bdev {bdev} ({bdev_sectors} sectors, logical block shift {bdev_shift}) does not match the quiesced disk ({disk_sectors} sectors, shift {disk_shift}): not recovering it onto another bdev")]
+    RecoverMismatch {
+        ublk_id: u32,
+        bdev: String,
+        bdev_sectors: u64,
+        bdev_shift: u8,
+        disk_sectors: u64,
+        disk_shift: u8,
+    },
     #[error("ublk {ublk_id}: bdev {bdev} has block size {block_size} (ublk takes 512..=page size, a power of two)")]
     BlockSize {
         ublk_id: u32,

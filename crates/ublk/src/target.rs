@@ -522,6 +522,23 @@ impl UblkTarget {
         bdev_name: &str,
     ) -> Result<Running, UblkError> {
         let id = existing.dev_id;
+        let kernel = control.get_params(id)?;
+        let info = desc.info();
+        let bdev_sectors = info.size_bytes() >> crate::params::SECTOR_SHIFT;
+        let bdev_shift = info.block_size_bytes.trailing_zeros() as u8;
+        if kernel.types & sys::UBLK_PARAM_TYPE_BASIC != 0
+            && (kernel.basic.dev_sectors != bdev_sectors
+                || kernel.basic.logical_bs_shift != bdev_shift)
+        {
+            return Err(UblkError::RecoverMismatch {
+                ublk_id: id,
+                bdev: bdev_name.to_string(),
+                bdev_sectors,
+                bdev_shift,
+                disk_sectors: kernel.basic.dev_sectors,
+                disk_shift: kernel.basic.logical_bs_shift,
+            });
+        }
         control.start_user_recovery(id)?;
         let cdev = Arc::new(open_cdev(id)?);
         let user_copy = existing.flags & sys::UBLK_F_USER_COPY != 0;
