@@ -111,6 +111,20 @@ pub fn parse_create_target(
     params: Option<&Value>,
 ) -> Result<Option<CpuMask>, ParamError> {
     let map = object(method, params, &["cpumask", "disable_user_copy"])?;
+    // SPDK's switch; Pollux uses kernel copy unless a disk asks for user copy, so only SPDK's
+    // default (false) is accepted.
+    match map.and_then(|m| m.get("disable_user_copy")) {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        Some(v) => {
+            return Err(ParamError {
+                method: method.to_string(),
+                param: "disable_user_copy".to_string(),
+                reason: format!(
+                    "only false is implemented (user copy is per disk: ublk_start_disk's user_copy), got {v}"
+                ),
+            })
+        }
+    }
     match get_str(method, map, "cpumask")? {
         None => Ok(None),
         Some(text) => CpuMask::parse(text).map(Some).map_err(|e| ParamError {
@@ -326,6 +340,14 @@ mod tests {
             parse_create_target(CREATE_TARGET, Some(&json!({"cpumask": "0x3"})))
                 .expect("ok")
                 .is_some()
+        );
+        assert!(
+            parse_create_target(CREATE_TARGET, Some(&json!({"disable_user_copy": false}))).is_ok()
+        );
+        assert_eq!(
+            parse_create_target(CREATE_TARGET, Some(&json!({"disable_user_copy": true})))
+                .map_err(|e| e.param),
+            Err("disable_user_copy".to_string())
         );
         assert_eq!(
             parse_create_target(CREATE_TARGET, Some(&json!({"cpumask": "zz"})))
