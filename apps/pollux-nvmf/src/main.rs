@@ -32,21 +32,18 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
-use pollux_bdev::config::{self, MethodTable};
-use pollux_bdev::modules::malloc;
+use pollux_bdev::config;
 use pollux_bdev::BdevRegistry;
 use pollux_cli::error_chain;
 use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
-use pollux_nvme::bdev::NvmeModule;
-use pollux_nvmf::host::NvmfHostModule;
 use pollux_nvmf::NvmfTarget;
-use pollux_reactor::{App, AppConfig, PollStatus, ThreadCtx};
+use pollux_reactor::{App, AppConfig, ThreadCtx};
+use pollux_rpc::target_app;
 use pollux_rpc::{
     register_bdev, register_framework, register_log, register_nvmf, BdevRpc, LogHooks, RpcError,
     RpcMethods, RpcServer, RpcServerConfig, RpcState, StartInit, DEFAULT_SOCKET_PATH,
 };
-use pollux_virtio::bdev::VirtioModule;
 
 /// DMA memory beyond the malloc bdevs' (bdev channels, NVMe queues).
 const HEADROOM_MIB: u64 = 32;
@@ -56,9 +53,6 @@ const RPC_HEADROOM_MIB: u64 = 64;
 /// `queue depth * max_io_size` (16 MiB with SPDK's defaults, 128 x 128 KiB), each admin queue
 /// `depth * 8 KiB`; 256 MiB holds 15 default I/O queues.
 const CONNECTIONS_MIB: u64 = 256;
-const NVME_CONTROLLER_MIB: u64 = 4;
-const NVME_ADMIN_POLL_US: u64 = 10_000;
-const VIRTIO_ADMIN_POLL_US: u64 = 10_000;
 
 /// SPDK nvmf_tgt's flags.
 #[derive(Parser, Debug)]
@@ -102,35 +96,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// MiB of DMA memory the config's bdevs need (a rough pass; the real load reports errors).
-fn config_demand_mib(value: &serde_json::Value) -> u64 {
-    let mut bytes = 0u64;
-    let subsystems = value.get("subsystems").and_then(|s| s.as_array());
-    for entry in subsystems
-        .into_iter()
-        .flatten()
-        .filter(|s| s.get("subsystem").and_then(|n| n.as_str()) == Some("bdev"))
-        .filter_map(|s| s.get("config").and_then(|c| c.as_array()))
-        .flatten()
-    {
-        let method = entry.get("method").and_then(|m| m.as_str()).unwrap_or("");
-        let param = |key: &str| {
-            entry
-                .get("params")
-                .and_then(|p| p.get(key))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0)
-        };
-        if method == malloc::METHOD {
-            bytes = bytes.saturating_add(param("num_blocks").saturating_mul(param("block_size")));
-        }
-        if method == pollux_nvme::bdev::ATTACH_METHOD {
-            bytes = bytes.saturating_add(NVME_CONTROLLER_MIB << 20);
-        }
-    }
-    bytes.div_ceil(1 << 20)
-}
-
 fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String> {
     let cpumask = CpuMask::parse_available(&args.cpumask).map_err(|e| format!("-m: {e}"))?;
     let config = match &args.config {
@@ -145,7 +110,7 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
     };
     let demand_mib = config
         .as_ref()
-        .map_or(0, |(_, value)| config_demand_mib(value));
+        .map_or(0, |(_, value)| target_app::bdev_config_demand_mib(value));
     let mem_size_mib = match args.mem_size_mib {
         Some(mib) => mib,
         None => usize::try_from(
@@ -225,7 +190,7 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
                     )
                 }
             }
-            register_admin_pollers(ctx, admin_registry);
+            target_app::register_admin_pollers(ctx, admin_registry);
             if wait_for_rpc {
                 println!(
                     "pollux-nvmf: waiting for framework_start_init on {}",
@@ -243,31 +208,12 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
     // claims released), then shut NVMe and virtio controllers down before the DMA memory goes.
     drop(server.lock().unwrap_or_else(|p| p.into_inner()).take());
     target.shutdown();
-    NvmeModule::global().detach_all(&registry);
-    NvmfHostModule::global().detach_all(&registry);
-    VirtioModule::global().detach_all(&registry);
+    target_app::detach_controllers(&registry);
     result?;
     if let Some(message) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(message);
     }
     Ok(())
-}
-
-/// Controllers may be attached over RPC at any time: poll the NVMe admin queues and watch
-/// the virtio-user back-ends, on the app thread.
-fn register_admin_pollers(ctx: &mut ThreadCtx, registry: Arc<BdevRegistry>) {
-    let nvme = ctx.register_poller("nvme_admin", NVME_ADMIN_POLL_US, |_ctx| {
-        PollStatus::from_busy(
-            NvmeModule::global().poll_admin() + NvmfHostModule::global().poll_admin() > 0,
-        )
-    });
-    let virtio = ctx.register_poller("virtio_admin", VIRTIO_ADMIN_POLL_US, move |_ctx| {
-        PollStatus::from_busy(VirtioModule::global().poll_admin(&registry) > 0)
-    });
-    ctx.on_exit(move |ctx| {
-        ctx.unregister_poller(nvme);
-        ctx.unregister_poller(virtio);
-    });
 }
 
 /// What the target serves before any RPC: `-c`'s bdevs and nvmf subsystem, or nothing.
@@ -286,10 +232,7 @@ impl Init {
         let Some((path, value)) = &self.config else {
             return Ok(());
         };
-        let mut table = MethodTable::with_builtin();
-        pollux_nvme::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
-        pollux_virtio::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
-        pollux_nvmf::host::register_methods(&mut table).map_err(|e| error_chain(&e))?;
+        let table = target_app::bdev_method_table().map_err(|e| error_chain(&e))?;
         let bdevs = config::apply(value, path, &self.registry, &table, Some(&self.dma))
             .map_err(|e| error_chain(&e))?;
         if let Err(error) =

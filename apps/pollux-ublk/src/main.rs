@@ -29,21 +29,18 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use clap::Parser;
-use pollux_bdev::config::{self, MethodTable};
-use pollux_bdev::modules::malloc;
+use pollux_bdev::config;
 use pollux_bdev::BdevRegistry;
 use pollux_cli::error_chain;
 use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
-use pollux_nvme::bdev::NvmeModule;
-use pollux_nvmf::host::NvmfHostModule;
-use pollux_reactor::{App, AppConfig, AppHandle, PollStatus, ThreadCtx};
+use pollux_reactor::{App, AppConfig, AppHandle, ThreadCtx};
+use pollux_rpc::target_app;
 use pollux_rpc::{
     register_bdev, register_framework, register_log, register_ublk, BdevRpc, LogHooks, RpcError,
     RpcMethods, RpcServer, RpcServerConfig, RpcState, StartInit, DEFAULT_SOCKET_PATH,
 };
 use pollux_ublk::UblkTarget;
-use pollux_virtio::bdev::VirtioModule;
 
 /// DMA memory beyond the malloc bdevs' (bdev channels, NVMe queues).
 const HEADROOM_MIB: u64 = 32;
@@ -52,9 +49,6 @@ const RPC_HEADROOM_MIB: u64 = 64;
 /// DMA memory for ublk queues, when `-s` does not say: each queue holds one buffer of
 /// `pollux_ublk::target::MAX_IO_BUF_BYTES` (128 KiB) per tag, 16 MiB at the default depth.
 const QUEUES_MIB: u64 = 128;
-const NVME_CONTROLLER_MIB: u64 = 4;
-const NVME_ADMIN_POLL_US: u64 = 10_000;
-const VIRTIO_ADMIN_POLL_US: u64 = 10_000;
 
 /// SPDK's app flags.
 #[derive(Parser, Debug)]
@@ -98,35 +92,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// MiB of DMA memory the config's bdevs need (a rough pass; the real load reports errors).
-fn config_demand_mib(value: &serde_json::Value) -> u64 {
-    let mut bytes = 0u64;
-    let subsystems = value.get("subsystems").and_then(|s| s.as_array());
-    for entry in subsystems
-        .into_iter()
-        .flatten()
-        .filter(|s| s.get("subsystem").and_then(|n| n.as_str()) == Some("bdev"))
-        .filter_map(|s| s.get("config").and_then(|c| c.as_array()))
-        .flatten()
-    {
-        let method = entry.get("method").and_then(|m| m.as_str()).unwrap_or("");
-        let param = |key: &str| {
-            entry
-                .get("params")
-                .and_then(|p| p.get(key))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0)
-        };
-        if method == malloc::METHOD {
-            bytes = bytes.saturating_add(param("num_blocks").saturating_mul(param("block_size")));
-        }
-        if method == pollux_nvme::bdev::ATTACH_METHOD {
-            bytes = bytes.saturating_add(NVME_CONTROLLER_MIB << 20);
-        }
-    }
-    bytes.div_ceil(1 << 20)
-}
-
 type Slot<T> = Arc<Mutex<Option<T>>>;
 
 fn take<T>(slot: &Slot<T>) -> Option<T> {
@@ -154,7 +119,7 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
     };
     let demand_mib = config
         .as_ref()
-        .map_or(0, |(_, value, _)| config_demand_mib(value));
+        .map_or(0, |(_, value, _)| target_app::bdev_config_demand_mib(value));
     let mem_size_mib = match args.mem_size_mib {
         Some(mib) => mib,
         None => usize::try_from(
@@ -254,7 +219,7 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
                     )
                 }
             }
-            register_admin_pollers(ctx, admin_registry);
+            target_app::register_admin_pollers(ctx, admin_registry);
             if wait_for_rpc {
                 println!(
                     "pollux-ublk: waiting for framework_start_init on {}",
@@ -279,31 +244,12 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
     }
     drop(take(&server));
     target.stop_all();
-    NvmeModule::global().detach_all(&registry);
-    NvmfHostModule::global().detach_all(&registry);
-    VirtioModule::global().detach_all(&registry);
+    target_app::detach_controllers(&registry);
     result?;
     if let Some(message) = take(&failure) {
         return Err(message);
     }
     Ok(())
-}
-
-/// Controllers may be attached over RPC at any time: poll the NVMe admin queues and watch
-/// the virtio-user back-ends, on the app thread.
-fn register_admin_pollers(ctx: &mut ThreadCtx, registry: Arc<BdevRegistry>) {
-    let nvme = ctx.register_poller("nvme_admin", NVME_ADMIN_POLL_US, |_ctx| {
-        PollStatus::from_busy(
-            NvmeModule::global().poll_admin() + NvmfHostModule::global().poll_admin() > 0,
-        )
-    });
-    let virtio = ctx.register_poller("virtio_admin", VIRTIO_ADMIN_POLL_US, move |_ctx| {
-        PollStatus::from_busy(VirtioModule::global().poll_admin(&registry) > 0)
-    });
-    ctx.on_exit(move |ctx| {
-        ctx.unregister_poller(nvme);
-        ctx.unregister_poller(virtio);
-    });
 }
 
 /// What the target serves before any RPC: `-c`'s bdevs and ublk disks, or nothing.
@@ -324,10 +270,7 @@ impl Init {
         let Some((path, value, entries)) = &self.config else {
             return Ok(());
         };
-        let mut table = MethodTable::with_builtin();
-        pollux_nvme::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
-        pollux_virtio::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
-        pollux_nvmf::host::register_methods(&mut table).map_err(|e| error_chain(&e))?;
+        let table = target_app::bdev_method_table().map_err(|e| error_chain(&e))?;
         config::apply(value, path, &self.registry, &table, Some(&self.dma))
             .map_err(|e| error_chain(&e))?;
         if entries.is_empty() {

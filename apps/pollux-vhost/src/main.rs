@@ -35,21 +35,19 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::Parser;
-use pollux_bdev::config::{self, MethodTable};
+use pollux_bdev::config;
 use pollux_bdev::modules::malloc;
 use pollux_bdev::BdevRegistry;
 use pollux_cli::error_chain;
 use pollux_env::cpumask::CpuMask;
 use pollux_env::dma::{DmaConfig, DmaMemory};
-use pollux_nvme::bdev::NvmeModule;
-use pollux_nvmf::host::NvmfHostModule;
-use pollux_reactor::{App, AppConfig, PollStatus, ThreadCtx};
+use pollux_reactor::{App, AppConfig, ThreadCtx};
+use pollux_rpc::target_app;
 use pollux_rpc::{
     register_bdev, register_framework, register_log, register_vhost, BdevRpc, LogHooks, RpcError,
     RpcMethods, RpcServer, RpcServerConfig, RpcState, StartInit, DEFAULT_SOCKET_PATH,
 };
 use pollux_vhost::{ControllerOptions, VhostTarget};
-use pollux_virtio::bdev::VirtioModule;
 
 const DEFAULT_MALLOC_NAME: &str = "Malloc0";
 const DEFAULT_MALLOC_MIB: u64 = 64;
@@ -59,10 +57,6 @@ const DEFAULT_CONTROLLER: &str = "vhost.0";
 const HEADROOM_MIB: u64 = 32;
 /// DMA memory for bdevs created over RPC, when `-s` does not say.
 const RPC_HEADROOM_MIB: u64 = 64;
-const NVME_CONTROLLER_MIB: u64 = 4;
-const NVME_ADMIN_POLL_US: u64 = 10_000;
-/// How often the app thread checks virtio-user back-ends for a hang-up (bdevperf's period).
-const VIRTIO_ADMIN_POLL_US: u64 = 10_000;
 
 /// SPDK vhost's flags.
 #[derive(Parser, Debug)]
@@ -115,35 +109,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// MiB of DMA memory the config's bdevs need (a rough pass; the real load reports errors).
-fn config_demand_mib(value: &serde_json::Value) -> u64 {
-    let mut bytes = 0u64;
-    let subsystems = value.get("subsystems").and_then(|s| s.as_array());
-    for entry in subsystems
-        .into_iter()
-        .flatten()
-        .filter(|s| s.get("subsystem").and_then(|n| n.as_str()) == Some("bdev"))
-        .filter_map(|s| s.get("config").and_then(|c| c.as_array()))
-        .flatten()
-    {
-        let method = entry.get("method").and_then(|m| m.as_str()).unwrap_or("");
-        let param = |key: &str| {
-            entry
-                .get("params")
-                .and_then(|p| p.get(key))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0)
-        };
-        if method == malloc::METHOD {
-            bytes = bytes.saturating_add(param("num_blocks").saturating_mul(param("block_size")));
-        }
-        if method == pollux_nvme::bdev::ATTACH_METHOD {
-            bytes = bytes.saturating_add(NVME_CONTROLLER_MIB << 20);
-        }
-    }
-    bytes.div_ceil(1 << 20)
-}
-
 fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String> {
     let cpumask = CpuMask::parse_available(&args.cpumask).map_err(|e| format!("-m: {e}"))?;
     if !args.socket_dir.is_dir() {
@@ -159,9 +124,9 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
         }
         None => None,
     };
-    let demand_mib = config
-        .as_ref()
-        .map_or(DEFAULT_MALLOC_MIB, |(_, value)| config_demand_mib(value));
+    let demand_mib = config.as_ref().map_or(DEFAULT_MALLOC_MIB, |(_, value)| {
+        target_app::bdev_config_demand_mib(value)
+    });
     let mem_size_mib = match args.mem_size_mib {
         Some(mib) => mib,
         None => usize::try_from(
@@ -242,7 +207,7 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
                     )
                 }
             }
-            register_admin_pollers(ctx, admin_registry);
+            target_app::register_admin_pollers(ctx, admin_registry);
             if wait_for_rpc {
                 println!(
                     "pollux-vhost: waiting for framework_start_init on {}",
@@ -261,31 +226,12 @@ fn run(args: &Args, log_filter: Arc<pollux_cli::LogFilter>) -> Result<(), String
     // the DMA memory goes away.
     drop(server.lock().unwrap_or_else(|p| p.into_inner()).take());
     target.shutdown();
-    NvmeModule::global().detach_all(&registry);
-    NvmfHostModule::global().detach_all(&registry);
-    VirtioModule::global().detach_all(&registry);
+    target_app::detach_controllers(&registry);
     result?;
     if let Some(message) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(message);
     }
     Ok(())
-}
-
-/// Controllers may be attached over RPC at any time: poll the NVMe admin queues and watch
-/// the virtio-user back-ends (a lost one's bdev is removed), on the app thread.
-fn register_admin_pollers(ctx: &mut ThreadCtx, registry: Arc<BdevRegistry>) {
-    let nvme = ctx.register_poller("nvme_admin", NVME_ADMIN_POLL_US, |_ctx| {
-        PollStatus::from_busy(
-            NvmeModule::global().poll_admin() + NvmfHostModule::global().poll_admin() > 0,
-        )
-    });
-    let virtio = ctx.register_poller("virtio_admin", VIRTIO_ADMIN_POLL_US, move |_ctx| {
-        PollStatus::from_busy(VirtioModule::global().poll_admin(&registry) > 0)
-    });
-    ctx.on_exit(move |ctx| {
-        ctx.unregister_poller(nvme);
-        ctx.unregister_poller(virtio);
-    });
 }
 
 /// What the target serves before any RPC: `-c`'s bdevs and controllers, or the default.
@@ -303,10 +249,7 @@ impl Init {
     fn run(&self) -> Result<(), String> {
         let (bdevs, controllers) = match &self.config {
             Some((path, value)) => {
-                let mut table = MethodTable::with_builtin();
-                pollux_nvme::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
-                pollux_virtio::bdev::register_methods(&mut table).map_err(|e| error_chain(&e))?;
-                pollux_nvmf::host::register_methods(&mut table).map_err(|e| error_chain(&e))?;
+                let table = target_app::bdev_method_table().map_err(|e| error_chain(&e))?;
                 // Both subsystems are checked before anything is created.
                 let controllers =
                     pollux_vhost::config::parse(value, path).map_err(|e| error_chain(&e))?;

@@ -23,6 +23,8 @@
 //!   each entry through the methods, as SPDK does, so every subsystem that registered its
 //!   methods (bdev, vhost_blk) is recreated with no second parser.
 //! - [`RpcClient`]: a blocking client that sends exactly what rpc.py sends.
+//! - [`target_app`]: what the target apps share around the server (the `-c` loader's bdev
+//!   modules, DMA demand, admin pollers, controller shutdown).
 //!
 //! # Errors
 //!
@@ -132,6 +134,7 @@ mod methods;
 mod nvmf;
 mod server;
 mod sys;
+pub mod target_app;
 mod ublk;
 mod vhost;
 
