@@ -139,7 +139,7 @@ pub fn decode(iod: &IoDesc, geometry: &Geometry) -> Result<BdevOp, i32> {
         });
     }
     let block_shift = geometry.block_size_bytes.trailing_zeros();
-    let sectors_per_block_mask = (1u64 << (block_shift - SECTOR_SHIFT)) - 1;
+    let sectors_per_block_mask = (1u64 << block_shift.saturating_sub(SECTOR_SHIFT)) - 1;
     let nr_sectors = u64::from(iod.nr_sectors);
     if nr_sectors == 0
         || iod.start_sector & sectors_per_block_mask != 0
@@ -147,7 +147,7 @@ pub fn decode(iod: &IoDesc, geometry: &Geometry) -> Result<BdevOp, i32> {
     {
         return Err(-libc::EINVAL);
     }
-    let shift = block_shift - SECTOR_SHIFT;
+    let shift = block_shift.saturating_sub(SECTOR_SHIFT);
     let offset_blocks = iod.start_sector >> shift;
     let num_blocks = nr_sectors >> shift;
     match offset_blocks.checked_add(num_blocks) {
