@@ -252,6 +252,12 @@ if [ "$variant" = disks ]; then
     rpc ublk_get_disks
     expect_disk 0 Malloc0 2 128
     expect_disk 1 Nvme0n1 2 128
+    rpc ublk_get_disks -n 1 > /tmp/disk1.json 2>&1 || { cat /tmp/disk1.json; ufail "ublk_get_disks -n 1 failed"; }
+    if [ "$(tr -d ' \t\r\n' < /tmp/disk1.json | tr '}' '\n' | grep -c '"id":')" != 1 ] ||
+        ! tr -d ' \t\r\n' < /tmp/disk1.json | grep -q '"id":1[,}]'; then
+        cat /tmp/disk1.json
+        ufail "ublk_get_disks -n 1 does not list disk 1 alone"
+    fi
 
     for id in 0 1; do
         step "discards on /dev/ublkb$id"
