@@ -39,7 +39,7 @@ use pollux_bdev::module::{BackendChannel, BdevBackend, CompletionQueue, IoReques
 use pollux_bdev::{
     BdevError, BdevInfo, BdevRegistry, BdevSpec, IoStatus, IoType, IoVec, MAX_COMPLETIONS_PER_POLL,
 };
-use pollux_env::dma::{DmaBuffer, DmaMemory};
+use pollux_env::dma::DmaMemory;
 
 use crate::backend::{VhostUserBackend, VirtioBackend};
 use crate::blk::{
@@ -50,8 +50,10 @@ use crate::blk::{
 };
 use crate::device::{BlkDevice, DeviceOptions, QueueSet};
 use crate::error::VirtioError;
-use crate::mem::{hung_up, owned_eventfd};
-use crate::queue::{AddError, Buffer};
+use crate::features::VIRTIO_RING_F_INDIRECT_DESC;
+use crate::mem::{hung_up, owned_eventfd, RingMem};
+use crate::queue::{AddError, Buffer, MAX_INDIRECT_ENTRIES};
+use crate::ring::DESC_SIZE_BYTES;
 
 /// The attach method.
 pub const ATTACH_METHOD: &str = "bdev_virtio_attach_controller";
@@ -67,11 +69,16 @@ pub const HANGUP_CHECK_POLLS: u32 = 1024;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a channel dropped with I/O in flight waits for the device to finish it.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
-/// Per request slot: header at 0, discard / write-zeroes segment at 16, status at 32; one
-/// cache line, so that two requests never share one.
-const REQUEST_STRIDE_BYTES: usize = 64;
-const SEGMENT_OFFSET: usize = 16;
-const STATUS_OFFSET: usize = 32;
+/// Per request slot, two cache lines, so that two requests never share one: the indirect
+/// table (three descriptors) at 0 and the header at 48 fill the first line, which only the
+/// driver writes and the device reads as one; the discard / write-zeroes segment at 64 and
+/// the status byte at 80 (the one byte the device writes) sit in the second.
+const REQUEST_STRIDE_BYTES: usize = 128;
+const TABLE_OFFSET: usize = 0;
+const HEADER_OFFSET: usize = 48;
+const SEGMENT_OFFSET: usize = 64;
+const STATUS_OFFSET: usize = 80;
+const _: () = assert!(TABLE_OFFSET + MAX_INDIRECT_ENTRIES * DESC_SIZE_BYTES <= HEADER_OFFSET);
 /// Written into the status byte before submission: a device that completes a request without
 /// writing its status is caught.
 const STATUS_UNSET: u8 = 0xff;
@@ -228,6 +235,9 @@ struct Limits {
     max_write_zeroes_sectors: u32,
     /// Data segments per request (SEG_MAX, else the queue's own bound).
     max_data_segments: usize,
+    /// VIRTIO_RING_F_INDIRECT_DESC: requests of up to [`MAX_INDIRECT_ENTRIES`] buffers
+    /// take one ring slot each.
+    indirect: bool,
 }
 
 /// An attached controller: the device, shared by its bdev and channels.
@@ -343,6 +353,7 @@ impl VirtioModule {
             max_discard_sectors: config.max_discard_sectors,
             max_write_zeroes_sectors: config.max_write_zeroes_sectors,
             max_data_segments,
+            indirect: device.has_feature(VIRTIO_RING_F_INDIRECT_DESC),
         };
         let spec = BdevSpec {
             name: options.name.clone(),
@@ -514,7 +525,7 @@ impl BdevBackend for VirtioBlkBdev {
         Ok(Box::new(VirtioChannel {
             ctrlr: Arc::clone(&self.ctrlr),
             requests_addr: requests.vaddr(),
-            requests,
+            requests: RingMem::new(requests),
             set: Some(set),
             slots: vec![SlotState::Idle; depth].into_boxed_slice(),
             saved: (0..depth).map(|_| SavedIo::default()).collect(),
@@ -572,8 +583,9 @@ enum SubmitError {
 
 struct VirtioChannel {
     ctrlr: Arc<Controller>,
-    /// Per-slot header, segment and status (`REQUEST_STRIDE_BYTES` each).
-    requests: DmaBuffer,
+    /// Per-slot indirect table, header, segment and status (`REQUEST_STRIDE_BYTES` each),
+    /// written and read with single volatile accesses (the device reads and writes them).
+    requests: RingMem,
     requests_addr: u64,
     /// `None` only inside `drop`.
     set: Option<QueueSet>,
@@ -619,20 +631,19 @@ impl VirtioChannel {
             }
         };
         self.chain.clear();
-        let header = RequestHeader {
-            request_type,
-            reserved: 0,
-            sector: if io_type == IoType::Flush { 0 } else { sector },
-        };
-        let write_error = |e: pollux_env::dma::DmaError| SubmitError::Invalid(e.to_string());
+        // `struct virtio_blk_outhdr` as two little-endian words: `type | reserved << 32`,
+        // `sector`.
+        let header = base + HEADER_OFFSET;
         self.requests
-            .write_at(base, &header.to_le_bytes())
-            .map_err(write_error)?;
+            .write_u64(header as u64, u64::from(request_type));
+        self.requests.write_u64(
+            (header + 8) as u64,
+            if io_type == IoType::Flush { 0 } else { sector },
+        );
         self.requests
-            .write_at(base + STATUS_OFFSET, &[STATUS_UNSET])
-            .map_err(write_error)?;
+            .write_u8((base + STATUS_OFFSET) as u64, STATUS_UNSET);
         self.chain.push(Buffer {
-            addr: self.requests_addr + base as u64,
+            addr: self.requests_addr + header as u64,
             len_bytes: RequestHeader::SIZE_BYTES as u32,
             device_writes: false,
         });
@@ -677,14 +688,10 @@ impl VirtioChannel {
                             "{sectors} sectors, more than the device takes per request ({max})"
                         ))
                     })?;
-                let segment = DiscardWriteZeroesSegment {
-                    sector,
-                    num_sectors,
-                    flags: 0,
-                };
-                self.requests
-                    .write_at(base + SEGMENT_OFFSET, &segment.to_le_bytes())
-                    .map_err(write_error)?;
+                // `sector: le64, num_sectors: le32, flags: le32` as two words.
+                let segment = (base + SEGMENT_OFFSET) as u64;
+                self.requests.write_u64(segment, sector);
+                self.requests.write_u64(segment + 8, u64::from(num_sectors));
                 self.chain.push(Buffer {
                     addr: self.requests_addr + (base + SEGMENT_OFFSET) as u64,
                     len_bytes: DiscardWriteZeroesSegment::SIZE_BYTES as u32,
@@ -701,7 +708,17 @@ impl VirtioChannel {
         let Some(set) = self.set.as_mut() else {
             return Err(SubmitError::Invalid("channel closing".to_string()));
         };
-        match set.queue.add(slot, &self.chain) {
+        let added = if limits.indirect && self.chain.len() <= MAX_INDIRECT_ENTRIES {
+            set.queue.add_indirect(
+                slot,
+                &mut self.requests,
+                (base + TABLE_OFFSET) as u64,
+                &self.chain,
+            )
+        } else {
+            set.queue.add(slot, &self.chain)
+        };
+        match added {
             Ok(()) => {
                 self.slots[usize::from(slot)] = SlotState::InFlight;
                 Ok(())
@@ -780,12 +797,8 @@ impl VirtioChannel {
     }
 
     fn status(&self, slot: u16) -> IoStatus {
-        let mut status = [STATUS_UNSET];
         let offset = usize::from(slot) * REQUEST_STRIDE_BYTES + STATUS_OFFSET;
-        if self.requests.read_at(offset, &mut status).is_err() {
-            return IoStatus::Failed;
-        }
-        match status[0] {
+        match self.requests.read_u8(offset as u64) {
             VIRTIO_BLK_S_OK => IoStatus::Success,
             VIRTIO_BLK_S_UNSUPP => IoStatus::Unsupported,
             other => {

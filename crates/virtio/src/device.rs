@@ -14,7 +14,10 @@ use crate::blk::{
     VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use crate::error::VirtioError;
-use crate::features::{bit, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use crate::features::{
+    bit, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
 use crate::queue::{RingFormat, Virtqueue};
 
 /// What the driver asks of the device.
@@ -96,7 +99,10 @@ fn driver_features(options: &DeviceOptions) -> u64 {
         | bit(VIRTIO_BLK_F_FLUSH)
         | bit(VIRTIO_BLK_F_MQ)
         | bit(VIRTIO_BLK_F_DISCARD)
-        | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+        | bit(VIRTIO_BLK_F_WRITE_ZEROES)
+        // One ring slot per request (the channel's tables, `crate::bdev`): QD N fits a queue
+        // of N entries, and the device reads a request's descriptors and header from one line.
+        | bit(VIRTIO_RING_F_INDIRECT_DESC);
     if options.event_idx {
         wanted |= bit(VIRTIO_RING_F_EVENT_IDX);
     }

@@ -1,9 +1,10 @@
-//! Volatile, bounds-checked access to ring memory shared with the device, the hang-up
+//! Volatile, bounds-checked access to ring memory shared with the device (the rings, and the
+//! virtio_blk channel's request headers, indirect tables and status bytes), the hang-up
 //! check of a back-end's socket, and an owned copy of an eventfd: the crate's only `unsafe`.
 //!
 //! The memory is a [`DmaBuffer`] that a back-end process maps too and writes at any moment,
 //! so it never becomes a Rust reference (STYLE #2): every access is a volatile load or store
-//! of an aligned 16-, 32- or 64-bit word (one instruction, never torn), after a bounds check.
+//! of a byte or an aligned 16-, 32- or 64-bit word (one instruction, never torn), after a bounds check.
 //! Ordering between the two sides is given by the fences of [`fence_release`],
 //! [`fence_acquire`] and [`fence_full`] (SPDK's `virtio_wmb` / `virtio_rmb` / `virtio_mb`).
 
@@ -12,7 +13,7 @@ use std::sync::atomic::{fence, Ordering};
 
 use pollux_env::dma::DmaBuffer;
 
-/// A zeroed DMA buffer holding one virtqueue's rings.
+/// A DMA buffer shared with the device: one virtqueue's rings, or a channel's request slots.
 pub(crate) struct RingMem {
     buf: DmaBuffer,
     base: *mut u8,
@@ -54,6 +55,20 @@ impl RingMem {
         );
         // SAFETY: `offset + size <= len_bytes` (checked above), inside the buffer.
         unsafe { self.base.add(offset) }
+    }
+
+    #[inline]
+    pub(crate) fn read_u8(&self, offset: u64) -> u8 {
+        let ptr = self.word(offset, 1);
+        // SAFETY: in bounds (checked by `word`); a byte needs no alignment.
+        unsafe { ptr.read_volatile() }
+    }
+
+    #[inline]
+    pub(crate) fn write_u8(&mut self, offset: u64, value: u8) {
+        let ptr = self.word(offset, 1);
+        // SAFETY: in bounds (checked by `word`).
+        unsafe { ptr.write_volatile(value) }
     }
 
     #[inline]

@@ -32,11 +32,15 @@ use pollux_env::dma::DmaMemory;
 use crate::error::VirtioError;
 use crate::mem::{fence_acquire, fence_full, fence_release, RingMem};
 use crate::ring::{
-    need_event, packed_avail_flags, PackedDesc, PackedEvent, PackedLayout, SplitDesc, SplitLayout,
-    UsedElem, DESC_SIZE_BYTES, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE,
-    RING_EVENT_FLAGS_ENABLE, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_NEXT,
+    need_event, packed_avail_flags, PackedDesc, PackedEvent, PackedLayout, SplitLayout, UsedElem,
+    DESC_SIZE_BYTES, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
+    VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_USED, VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY,
 };
+
+/// Entries of an indirect table [`Virtqueue::add_indirect`] writes at most (a virtio-blk
+/// request with one data buffer: header, data, status; or a discard's header, segment, status).
+pub const MAX_INDIRECT_ENTRIES: usize = 3;
 
 /// Parts are placed on their own cache lines: the driver writes the descriptors and the
 /// avail ring, the device the used ring (STYLE #11).
@@ -407,6 +411,70 @@ impl Virtqueue {
         Ok(())
     }
 
+    /// Adds one request as a single ring descriptor pointing at an indirect table
+    /// (VIRTIO_RING_F_INDIRECT_DESC, §2.7.5.3 / §2.8.7): the table's entries, one per buffer,
+    /// are written in this ring's format at `table_offset` of `table_mem` (driver-owned DMA
+    /// memory the device can read, 16-aligned), then the ring descriptor. The chain takes one
+    /// ring slot whatever its length, so a queue of N entries holds N requests, and the device
+    /// reads the table (and a header placed beside it) from one cache line. Visible to the
+    /// device at the next [`Self::publish`]. Only when the feature was negotiated.
+    pub(crate) fn add_indirect(
+        &mut self,
+        token: u16,
+        table_mem: &mut RingMem,
+        table_offset: u64,
+        buffers: &[Buffer],
+    ) -> Result<(), AddError> {
+        let entries = match u16::try_from(buffers.len()) {
+            Ok(n) if n > 0 && usize::from(n) <= MAX_INDIRECT_ENTRIES => n,
+            _ => {
+                return Err(AddError::TooLong {
+                    buffers: buffers.len(),
+                    queue_size: self.size,
+                })
+            }
+        };
+        if self.num_free == 0 {
+            return Err(AddError::Full { needed: 1, free: 0 });
+        }
+        let packed = matches!(self.ring, Ring::Packed(_));
+        for (i, buffer) in buffers.iter().enumerate() {
+            let offset = table_offset + (i * DESC_SIZE_BYTES) as u64;
+            let more = i + 1 < buffers.len();
+            let (low, high) = if packed {
+                // §2.8.7: table entries are used in order; only WRITE is meaningful.
+                packed_desc_words(buffer, 0, 0)
+            } else {
+                // Table entries chain through `next`, an index into the table (§2.7.5.3).
+                split_desc_words(buffer, more, if more { i as u16 + 1 } else { 0 })
+            };
+            table_mem.write_u64(offset, low);
+            table_mem.write_u64(offset + 8, high);
+        }
+        let table = Buffer {
+            addr: table_mem.addr() + table_offset,
+            len_bytes: u32::from(entries) * DESC_SIZE_BYTES as u32,
+            device_writes: false,
+        };
+        // The table is ordered before the ring descriptor by the release fence `publish` (or
+        // a later head's flags store) issues before making the descriptor available.
+        let id = match &mut self.ring {
+            Ring::Split(split) => {
+                add_split_one(&mut self.mem, split, &table, VIRTQ_DESC_F_INDIRECT)
+            }
+            Ring::Packed(packed) => {
+                add_packed_one(&mut self.mem, packed, &table, VIRTQ_DESC_F_INDIRECT)
+            }
+        };
+        let id = usize::from(id);
+        self.chains.token[id] = token;
+        self.chains.len[id] = 1;
+        self.chains.in_flight[id] = true;
+        self.num_free -= 1;
+        self.chains_in_flight += 1;
+        Ok(())
+    }
+
     /// Makes every chain added since the last call available with one store; returns
     /// whether the device wants a notification (kick) for them.
     pub fn publish(&mut self) -> bool {
@@ -578,7 +646,8 @@ fn check_id(chains: &Chains, queue: u16, size: u16, id: u32) -> Result<u16, Virt
     }
 }
 
-/// A split descriptor as the two little-endian 64-bit words of [`SplitDesc::to_le_bytes`]
+/// A split descriptor as the two little-endian 64-bit words of
+/// [`SplitDesc::to_le_bytes`](crate::ring::SplitDesc::to_le_bytes)
 /// (descriptors are 16-byte aligned: two single stores).
 fn split_desc_words(buffer: &Buffer, more: bool, next: u16) -> (u64, u64) {
     let mut flags = 0u16;
@@ -588,18 +657,67 @@ fn split_desc_words(buffer: &Buffer, more: bool, next: u16) -> (u64, u64) {
     if more {
         flags |= VIRTQ_DESC_F_NEXT;
     }
-    let bytes = SplitDesc {
-        addr: buffer.addr,
-        len: buffer.len_bytes,
-        flags,
-        next,
-    }
-    .to_le_bytes();
-    let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7] = bytes;
+    // `addr: le64`, then `len: le32, flags: le16, next: le16` (SplitDesc's layout).
     (
-        u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
-        u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]),
+        buffer.addr,
+        u64::from(buffer.len_bytes) | u64::from(flags) << 32 | u64::from(next) << 48,
     )
+}
+
+/// A packed descriptor as two little-endian 64-bit words: `addr`, then `len | id | flags`.
+fn packed_desc_words(buffer: &Buffer, id: u16, mut flags: u16) -> (u64, u64) {
+    if buffer.device_writes {
+        flags |= VIRTQ_DESC_F_WRITE;
+    }
+    (
+        buffer.addr,
+        u64::from(buffer.len_bytes) | u64::from(id) << 32 | u64::from(flags) << 48,
+    )
+}
+
+/// Writes one split descriptor (with `flags`, no NEXT) and its avail entry; returns the head.
+fn add_split_one(mem: &mut RingMem, split: &mut SplitQueue, buffer: &Buffer, flags: u16) -> u16 {
+    let head = split.free_head;
+    let (low, high) = split_desc_words(buffer, false, 0);
+    let offset = split.layout.desc_offset(head);
+    mem.write_u64(offset, low);
+    // `flags` sit in bits 32..48 of the second word (`len: le32, flags: le16, next: le16`).
+    mem.write_u64(offset + 8, high | u64::from(flags) << 32);
+    split.free_head = split.next[usize::from(head)];
+    let slot = split.avail_offset + split.layout.avail_entry_offset(split.avail_idx);
+    mem.write_u16(slot, head);
+    split.avail_idx = split.avail_idx.wrapping_add(1);
+    head
+}
+
+/// Writes one packed descriptor (with `flags` besides the avail bits, no NEXT): its flags
+/// last, after a release fence, or deferred to `publish` for the batch's first head. Returns
+/// the buffer id.
+fn add_packed_one(mem: &mut RingMem, packed: &mut PackedQueue, buffer: &Buffer, flags: u16) -> u16 {
+    // The caller checked there is a free descriptor, and ids are as many as descriptors.
+    let id = packed.free_ids.pop().unwrap_or_default();
+    let position = packed.next_avail;
+    let mut head_flags = packed_avail_flags(packed.avail_wrap) | flags;
+    if buffer.device_writes {
+        head_flags |= VIRTQ_DESC_F_WRITE;
+    }
+    let offset = packed.layout.desc_offset(position);
+    mem.write_u64(offset + PackedDesc::ADDR_OFFSET, buffer.addr);
+    mem.write_u32(offset + PackedDesc::LEN_OFFSET, buffer.len_bytes);
+    mem.write_u16(offset + PackedDesc::ID_OFFSET, id);
+    packed.next_avail += 1;
+    if packed.next_avail == packed.layout.queue_size() {
+        packed.next_avail = 0;
+        packed.avail_wrap = !packed.avail_wrap;
+    }
+    packed.added_since_publish = packed.added_since_publish.wrapping_add(1);
+    if packed.deferred_head.is_none() {
+        packed.deferred_head = Some((position, head_flags));
+    } else {
+        fence_release();
+        mem.write_u16(offset + PackedDesc::FLAGS_OFFSET, head_flags);
+    }
+    id
 }
 
 /// Writes a split chain and its avail entry; returns the head. The caller checked that

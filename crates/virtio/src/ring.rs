@@ -87,6 +87,18 @@ impl SplitDesc {
         bytes
     }
 
+    /// From the descriptor's two 64-bit words, each already read as little-endian (two
+    /// loads instead of sixteen byte loads): `addr`, then `len | flags << 32 | next << 48`.
+    #[inline]
+    pub fn from_words(low: u64, high: u64) -> Self {
+        Self {
+            addr: low,
+            len: high as u32,
+            flags: (high >> 32) as u16,
+            next: (high >> 48) as u16,
+        }
+    }
+
     #[inline]
     pub fn has_next(&self) -> bool {
         self.flags & VIRTQ_DESC_F_NEXT != 0
@@ -139,6 +151,18 @@ impl PackedDesc {
         bytes[12..14].copy_from_slice(&self.id.to_le_bytes());
         bytes[14..16].copy_from_slice(&self.flags.to_le_bytes());
         bytes
+    }
+
+    /// From the descriptor's two 64-bit words, each already read as little-endian:
+    /// `addr`, then `len | id << 32 | flags << 48`.
+    #[inline]
+    pub fn from_words(low: u64, high: u64) -> Self {
+        Self {
+            addr: low,
+            len: high as u32,
+            id: (high >> 32) as u16,
+            flags: (high >> 48) as u16,
+        }
     }
 
     /// Whether the device may take this descriptor: its AVAIL bit equals the driver's wrap

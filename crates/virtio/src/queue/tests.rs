@@ -480,3 +480,96 @@ fn packed_used_notifications_enable_recheck_and_disable() {
     queue.disable_used_notifications();
     assert_eq!(event_flags(), RING_EVENT_FLAGS_DISABLE);
 }
+
+#[test]
+fn indirect_chains_take_one_slot_and_tables_match_the_ring_format() {
+    for format in [RingFormat::Split, RingFormat::Packed] {
+        let dma = memory();
+        let mut queue = Virtqueue::new(&dma, 0, 4, format, false).expect("queue");
+        let mut tables = RingMem::new(dma.alloc(4 * 64, 64, None).expect("tables"));
+        // Four requests of three buffers in a queue of four entries: one slot each.
+        for token in 0..4u16 {
+            queue
+                .add_indirect(
+                    token + 10,
+                    &mut tables,
+                    u64::from(token) * 64,
+                    &chain(token, 3),
+                )
+                .expect("fits");
+        }
+        assert_eq!(queue.num_free(), 0);
+        assert!(matches!(
+            queue.add_indirect(99, &mut tables, 0, &chain(0, 3)),
+            Err(AddError::Full { .. })
+        ));
+        assert!(matches!(
+            queue.add_indirect(99, &mut tables, 0, &chain(0, MAX_INDIRECT_ENTRIES + 1)),
+            Err(AddError::TooLong { .. })
+        ));
+        queue.publish();
+        let table_entries = |addr: u64, len: u32| -> Vec<[u8; 16]> {
+            (0..u64::from(len) / 16)
+                .map(|i| rd_bytes::<16>(addr + 16 * i))
+                .collect()
+        };
+        let mut completed = Vec::new();
+        match format {
+            RingFormat::Split => {
+                let mut device = SplitDevice::new(&queue);
+                let chains = device.take();
+                assert_eq!(chains.len(), 4);
+                for (i, (head, descs)) in chains.into_iter().enumerate() {
+                    let [desc] = descs[..] else {
+                        panic!("one ring descriptor per request")
+                    };
+                    assert_eq!(desc.flags, VIRTQ_DESC_F_INDIRECT);
+                    assert_eq!(desc.addr, tables.addr() + 64 * i as u64);
+                    assert_eq!(desc.len, 48);
+                    let entries: Vec<SplitDesc> = table_entries(desc.addr, desc.len)
+                        .into_iter()
+                        .map(SplitDesc::from_le_bytes)
+                        .collect();
+                    for (j, (entry, buffer)) in entries.iter().zip(chain(i as u16, 3)).enumerate() {
+                        assert_eq!((entry.addr, entry.len), (buffer.addr, buffer.len_bytes));
+                        assert_eq!(entry.is_write(), buffer.device_writes);
+                        assert_eq!(entry.has_next(), j < 2);
+                        if j < 2 {
+                            assert_eq!(usize::from(entry.next), j + 1, "next indexes the table");
+                        }
+                    }
+                    device.complete(head, 1);
+                }
+            }
+            RingFormat::Packed => {
+                let mut device = PackedDevice::new(&queue);
+                let chains = device.take();
+                assert_eq!(chains.len(), 4);
+                for (i, (id, descs)) in chains.into_iter().enumerate() {
+                    let [desc] = descs[..] else {
+                        panic!("one ring descriptor per request")
+                    };
+                    assert_ne!(desc.flags & VIRTQ_DESC_F_INDIRECT, 0);
+                    assert_eq!(desc.flags & VIRTQ_DESC_F_NEXT, 0);
+                    assert_eq!((desc.addr, desc.len), (tables.addr() + 64 * i as u64, 48));
+                    let entries: Vec<PackedDesc> = table_entries(desc.addr, desc.len)
+                        .into_iter()
+                        .map(PackedDesc::from_le_bytes)
+                        .collect();
+                    for (entry, buffer) in entries.iter().zip(chain(i as u16, 3)) {
+                        assert_eq!((entry.addr, entry.len), (buffer.addr, buffer.len_bytes));
+                        assert_eq!(entry.flags & VIRTQ_DESC_F_WRITE != 0, buffer.device_writes);
+                    }
+                    device.complete(id, 1, 1);
+                }
+            }
+        }
+        queue
+            .poll_used(16, |token, _| completed.push(token))
+            .expect("poll");
+        completed.sort_unstable();
+        assert_eq!(completed, vec![10, 11, 12, 13], "{format:?}");
+        assert_eq!(queue.num_free(), 4);
+        assert_eq!(queue.chains_in_flight(), 0);
+    }
+}
