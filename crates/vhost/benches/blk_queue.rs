@@ -31,7 +31,9 @@ const HEADERS: u64 = 0x20000;
 const STATUS: u64 = 0x30000;
 const DATA: u64 = 0x100000;
 
-fn run(qd: u16, seconds: u64, logging: bool) -> f64 {
+/// Runs `qd` requests in flight for `seconds`, or for exactly `polls` polls when given (a
+/// deterministic count for callgrind). Returns (requests per second, requests completed).
+fn run(qd: u16, seconds: u64, logging: bool, polls_limit: Option<u64>) -> (f64, u64) {
     let file = tempfile_unlinked("guest");
     file.set_len(MEM_BYTES).expect("size");
     let spec = RegionSpec {
@@ -170,8 +172,11 @@ fn run(qd: u16, seconds: u64, logging: bool) -> f64 {
             used_seen = used_idx;
             completed += u64::from(fresh);
         }
-        if polls.is_multiple_of(1024) && Instant::now() >= deadline {
-            break;
+        match polls_limit {
+            Some(limit) if polls >= limit => break,
+            Some(_) => {}
+            None if polls.is_multiple_of(1024) && Instant::now() >= deadline => break,
+            None => {}
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
@@ -181,7 +186,7 @@ fn run(qd: u16, seconds: u64, logging: bool) -> f64 {
         assert!(log.is_dirty(data_page), "read buffers logged");
         assert_eq!(log.pages_outside(), 0);
     }
-    completed as f64 / elapsed
+    (completed as f64 / elapsed, completed)
 }
 
 fn tempfile_unlinked(what: &str) -> std::fs::File {
@@ -203,10 +208,25 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    // POLLUX_BENCH_POLLS=N: QD 128 (or POLLUX_BENCH_QD), logging off, exactly N polls, for
+    // instruction counts (`valgrind --tool=callgrind` at two values of N: the difference in
+    // instructions over the difference in requests is the cost per request, setup excluded).
+    if let Some(polls) = std::env::var("POLLUX_BENCH_POLLS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        let qd = std::env::var("POLLUX_BENCH_QD")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(128);
+        let (_, completed) = run(qd, 0, false, Some(polls));
+        println!("blk_queue QD {qd}: {polls} polls, {completed} requests");
+        return;
+    }
     for qd in [1u16, 32, 128] {
-        let iops = run(qd, seconds, false);
+        let (iops, _) = run(qd, seconds, false, None);
         println!("blk_queue split indirect 4KiB read null bdev QD {qd:>3}: {:>10.0} requests/s ({:.1} ns/request)", iops, 1e9 / iops);
-        let logged = run(qd, seconds, true);
+        let (logged, _) = run(qd, seconds, true, None);
         println!("blk_queue split indirect 4KiB read null bdev QD {qd:>3}, dirty log on: {:>10.0} requests/s ({:.1} ns/request, {:.2}x of logging off)", logged, 1e9 / logged, logged / iops);
     }
 }

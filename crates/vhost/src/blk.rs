@@ -778,13 +778,16 @@ impl BlkQueue {
         if header_desc.write || (header_desc.len as usize) < RequestHeader::SIZE_BYTES {
             return ioerr;
         }
-        let Ok(bytes) = self
-            .mem
-            .read_array::<{ RequestHeader::SIZE_BYTES }>(header_desc.gpa, &mut self.hint)
+        let Ok((type_reserved, sector)) = self.mem.read_u64_pair(header_desc.gpa, &mut self.hint)
         else {
             return ioerr;
         };
-        let header = RequestHeader::from_le_bytes(bytes);
+        // `type: le32, reserved: le32, sector: le64` as two words.
+        let header = RequestHeader {
+            request_type: type_reserved as u32,
+            reserved: (type_reserved >> 32) as u32,
+            sector,
+        };
         let data = &chain[1..chain.len() - 1];
         match header.request_type {
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => self.start_rw(head, header, data.len()),

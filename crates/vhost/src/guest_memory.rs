@@ -497,6 +497,34 @@ impl GuestMemory {
         Ok((self.regions[index].host as u64 + offset) as *mut u8)
     }
 
+    /// `[gpa, gpa + len)`, which must lie in one region, translated once (an indirect table:
+    /// its entries are then read without a region lookup each). Borrows the table, so no
+    /// reference count is touched.
+    #[inline]
+    pub fn range(
+        &self,
+        gpa: u64,
+        len: u64,
+        hint: &mut usize,
+    ) -> Result<GuestRange<'_>, MemoryError> {
+        let host = self.host(gpa, len, hint)?;
+        Ok(GuestRange {
+            host,
+            len,
+            _table: std::marker::PhantomData,
+        })
+    }
+
+    /// The two little-endian 64-bit words at guest address `gpa` (a request header), as two
+    /// loads when 8-aligned.
+    #[inline]
+    pub fn read_u64_pair(&self, gpa: u64, hint: &mut usize) -> Result<(u64, u64), MemoryError> {
+        let ptr = self.host(gpa, 16, hint)?;
+        // SAFETY: `[ptr, ptr + 16)` lies inside a mapped region of this table (checked by
+        // `host`), which `&self` keeps alive for the call.
+        Ok(unsafe { read_u64_pair(ptr) })
+    }
+
     /// Copies `N` bytes from guest address `gpa` (all in one region).
     #[inline]
     pub fn read_array<const N: usize>(
@@ -506,9 +534,8 @@ impl GuestMemory {
     ) -> Result<[u8; N], MemoryError> {
         let ptr = self.host(gpa, N as u64, hint)?;
         // SAFETY: `[ptr, ptr + N)` lies inside a mapped region of this table (checked by
-        // `host`), which `&self` keeps alive for the call; a byte array has alignment 1 and
-        // the volatile read forms no reference to memory the guest may change.
-        Ok(unsafe { std::ptr::read_volatile(ptr as *const [u8; N]) })
+        // `host`), which `&self` keeps alive for the call.
+        Ok(unsafe { read_volatile_bytes::<N>(ptr) })
     }
 
     /// Copies `bytes` to guest address `gpa` (all in one region).
@@ -522,6 +549,124 @@ impl GuestMemory {
             unsafe { std::ptr::write_volatile(ptr.add(i), *byte) };
         }
         Ok(())
+    }
+}
+
+/// A range of guest memory inside one region of a [`GuestMemory`] it borrows (which keeps the
+/// mapping alive), translated once: see [`GuestMemory::range`].
+pub struct GuestRange<'a> {
+    host: *mut u8,
+    len: u64,
+    _table: std::marker::PhantomData<&'a GuestMemory>,
+}
+
+impl GuestRange<'_> {
+    /// Reads `N` bytes at offset `at` (`None` past the end).
+    #[inline]
+    pub fn read_array<const N: usize>(&self, at: u64) -> Option<[u8; N]> {
+        let end = at.checked_add(N as u64)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: `[host + at, host + at + N)` lies inside `[host, host + len)` (checked
+        // above), which `GuestMemory::range` found inside one mapped region of the table this
+        // range borrows, so the mapping outlives the read.
+        Some(unsafe { read_volatile_bytes::<N>(self.host.add(at as usize)) })
+    }
+
+    /// Reads the two little-endian 64-bit words at offset `at` (a descriptor), as two loads
+    /// when 8-aligned (`None` past the end).
+    #[inline]
+    pub fn read_u64_pair(&self, at: u64) -> Option<(u64, u64)> {
+        let end = at.checked_add(16)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: `[host + at, host + at + 16)` is inside the range (checked above), which
+        // lies in a mapped region of the table it borrows.
+        Some(unsafe { read_u64_pair(self.host.add(at as usize)) })
+    }
+}
+
+/// Two little-endian 64-bit words at `ptr`: two volatile loads when 8-aligned, else the
+/// bytes one by one.
+///
+/// # Safety
+/// `[ptr, ptr + 16)` must lie inside a live mapping.
+#[inline(always)]
+unsafe fn read_u64_pair(ptr: *const u8) -> (u64, u64) {
+    if (ptr as usize).is_multiple_of(8) {
+        // SAFETY: in the mapping (the caller's contract) and 8-aligned (checked).
+        unsafe {
+            (
+                u64::from_le(std::ptr::read_volatile(ptr.cast::<u64>())),
+                u64::from_le(std::ptr::read_volatile(ptr.add(8).cast::<u64>())),
+            )
+        }
+    } else {
+        // SAFETY: in the mapping; a byte array has alignment 1.
+        let bytes = unsafe { std::ptr::read_volatile(ptr.cast::<[u8; 16]>()) };
+        let [a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7] = bytes;
+        (
+            u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+            u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]),
+        )
+    }
+}
+
+/// Reads `N` bytes at `ptr` with volatile loads, never forming a reference to memory the
+/// guest may change concurrently: 64-bit loads when `N` and `ptr` allow (a descriptor, a
+/// request header: two loads instead of sixteen byte loads and the shifts that reassemble
+/// them), else 32-bit loads, else bytes. Each word is copied out in memory order
+/// (`to_ne_bytes`), so the result is the bytes as they lie in guest memory.
+///
+/// # Safety
+/// `[ptr, ptr + N)` must lie inside a live mapping.
+#[inline(always)]
+unsafe fn read_volatile_bytes<const N: usize>(ptr: *const u8) -> [u8; N] {
+    let mut out = [0u8; N];
+    if N.is_multiple_of(8) && (ptr as usize).is_multiple_of(8) {
+        for (i, chunk) in out.chunks_exact_mut(8).enumerate() {
+            // SAFETY: `ptr + 8 * i + 8 <= ptr + N` (in the mapping, the caller's contract),
+            // 8-aligned (checked above).
+            let word = unsafe { std::ptr::read_volatile(ptr.add(8 * i).cast::<u64>()) };
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+    } else if N.is_multiple_of(4) && (ptr as usize).is_multiple_of(4) {
+        for (i, chunk) in out.chunks_exact_mut(4).enumerate() {
+            // SAFETY: in the mapping and 4-aligned, as above.
+            let word = unsafe { std::ptr::read_volatile(ptr.add(4 * i).cast::<u32>()) };
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+    } else {
+        // SAFETY: in the mapping; a byte array has alignment 1.
+        out = unsafe { std::ptr::read_volatile(ptr.cast::<[u8; N]>()) };
+    }
+    out
+}
+
+/// Writes `bytes` at `ptr` with volatile stores, the mirror of [`read_volatile_bytes`] (a
+/// used element: two 32-bit stores).
+///
+/// # Safety
+/// `[ptr, ptr + N)` must lie inside a live mapping.
+#[inline(always)]
+unsafe fn write_volatile_bytes<const N: usize>(ptr: *mut u8, bytes: [u8; N]) {
+    if N.is_multiple_of(8) && (ptr as usize).is_multiple_of(8) {
+        for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+            let word = u64::from_ne_bytes(chunk.try_into().unwrap_or([0; 8]));
+            // SAFETY: in the mapping (the caller's contract) and 8-aligned (checked above).
+            unsafe { std::ptr::write_volatile(ptr.add(8 * i).cast::<u64>(), word) };
+        }
+    } else if N.is_multiple_of(4) && (ptr as usize).is_multiple_of(4) {
+        for (i, chunk) in bytes.chunks_exact(4).enumerate() {
+            let word = u32::from_ne_bytes(chunk.try_into().unwrap_or([0; 4]));
+            // SAFETY: in the mapping and 4-aligned, as above.
+            unsafe { std::ptr::write_volatile(ptr.add(4 * i).cast::<u32>(), word) };
+        }
+    } else {
+        // SAFETY: in the mapping; a byte array has alignment 1.
+        unsafe { std::ptr::write_volatile(ptr.cast::<[u8; N]>(), bytes) };
     }
 }
 
@@ -574,6 +719,18 @@ impl GuestSlice {
         Some((self.region.host as u64 + self.offset + at) as *mut u8)
     }
 
+    /// The two little-endian 64-bit words at `at` (a descriptor), as two loads when 8-aligned
+    /// (zeroes if out of bounds, which the callers rule out).
+    #[inline]
+    pub fn read_u64_pair(&self, at: u64) -> (u64, u64) {
+        let Some(ptr) = self.host_ptr(at, 16) else {
+            return (0, 0);
+        };
+        // SAFETY: `[ptr, ptr + 16)` lies inside the region's live shared mapping (checked by
+        // host_ptr; the Arc keeps the mapping alive).
+        unsafe { read_u64_pair(ptr) }
+    }
+
     /// Reads `N` bytes at `at` (zeroes if out of bounds, which the callers rule out).
     #[inline]
     pub fn read_array<const N: usize>(&self, at: u64) -> [u8; N] {
@@ -581,9 +738,8 @@ impl GuestSlice {
             return [0; N];
         };
         // SAFETY: `[ptr, ptr + N)` lies inside the region's live shared mapping (checked by
-        // host_ptr; the Arc keeps the mapping alive). A byte array has alignment 1, and the
-        // volatile read never forms a reference to memory the guest may change concurrently.
-        unsafe { std::ptr::read_volatile(ptr as *const [u8; N]) }
+        // host_ptr; the Arc keeps the mapping alive).
+        unsafe { read_volatile_bytes::<N>(ptr) }
     }
 
     /// Writes `bytes` at `at` (nothing if out of bounds, which the callers rule out).
@@ -606,8 +762,8 @@ impl GuestSlice {
         let Some(ptr) = self.host_ptr(at, N) else {
             return;
         };
-        // SAFETY: as in `read_array`: in bounds of a live mapping, alignment 1, no reference.
-        unsafe { std::ptr::write_volatile(ptr as *mut [u8; N], bytes) };
+        // SAFETY: as in `read_array`: `[ptr, ptr + N)` is in bounds of a live mapping.
+        unsafe { write_volatile_bytes(ptr, bytes) };
     }
 
     /// Reads a little-endian u16 at `at` (ring indices and flags) as one 16-bit load when
@@ -694,6 +850,49 @@ pub(crate) mod test_util {
 mod tests {
     use super::test_util::*;
     use super::*;
+
+    #[test]
+    fn word_reads_and_writes_match_bytes_at_any_alignment() {
+        let (mem, _file) = memory(0x10000, 0x4000);
+        let mut hint = 0;
+        let bytes: Vec<u8> = (0..64u8).map(|b| b.wrapping_mul(37) ^ 0x5a).collect();
+        mem.write_bytes(0x10000, &bytes, &mut hint).expect("write");
+        let slice = mem.slice(0x10000, 64, &mut hint).expect("slice");
+        for at in [0u64, 1, 2, 4, 8, 13, 16, 40] {
+            let expected: [u8; 16] = bytes[at as usize..at as usize + 16].try_into().expect("16");
+            let words = (
+                u64::from_le_bytes(expected[..8].try_into().expect("8")),
+                u64::from_le_bytes(expected[8..].try_into().expect("8")),
+            );
+            assert_eq!(slice.read_array::<16>(at), expected, "slice at {at}");
+            assert_eq!(slice.read_u64_pair(at), words, "slice pair at {at}");
+            assert_eq!(
+                mem.read_array::<16>(0x10000 + at, &mut hint).expect("read"),
+                expected
+            );
+            assert_eq!(
+                mem.read_u64_pair(0x10000 + at, &mut hint).expect("pair"),
+                words
+            );
+            let range = mem.range(0x10000, 64, &mut hint).expect("range");
+            assert_eq!(range.read_u64_pair(at), Some(words), "range pair at {at}");
+            assert_eq!(
+                range.read_array::<8>(at).map(|a| a.to_vec()),
+                Some(expected[..8].to_vec())
+            );
+        }
+        let range = mem.range(0x10000, 64, &mut hint).expect("range");
+        assert_eq!(range.read_u64_pair(49), None, "past the end");
+        assert!(
+            mem.range(0x13ff8, 16, &mut hint).is_err(),
+            "outside the table"
+        );
+        // Stores: 8 bytes as two 32-bit words (a used element at 4 mod 8), and unaligned.
+        for at in [4u64, 5, 8] {
+            slice.write_array::<8>(at, [1, 2, 3, 4, 5, 6, 7, 8]);
+            assert_eq!(slice.read_array::<8>(at), [1, 2, 3, 4, 5, 6, 7, 8]);
+        }
+    }
 
     #[test]
     fn accesses_outside_the_table_are_refused() {

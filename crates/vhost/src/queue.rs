@@ -568,23 +568,27 @@ fn walk_indirect(
     {
         return Err(ChainError::BadIndirectLen { len: desc_len });
     }
-    // One region check for the whole table, then reads through the table (no reference
-    // count touched per request: indirect chains are what Linux sends for most requests).
+    // One translation for the whole table, then reads through it (no region lookup and no
+    // reference count touched per entry: indirect chains are what Linux and Pollux's
+    // virtio_blk bdev send for most requests).
     let mut hint = 0;
-    if !mem.contains(desc_gpa, u64::from(desc_len), &mut hint) {
+    let Ok(table) = mem.range(desc_gpa, u64::from(desc_len), &mut hint) else {
         return Err(ChainError::IndirectOutOfBounds {
             gpa: desc_gpa,
             len: desc_len,
         });
-    }
-    let read = |i: u32, hint: &mut usize| {
-        mem.read_array::<DESC_SIZE_BYTES>(desc_gpa + u64::from(i) * DESC_SIZE_BYTES as u64, hint)
-            .unwrap_or([0; DESC_SIZE_BYTES])
+    };
+    // `i < count` and the table is `count` entries long: never `None`.
+    let read = |i: u32| {
+        table
+            .read_u64_pair(u64::from(i) * DESC_SIZE_BYTES as u64)
+            .unwrap_or((0, 0))
     };
     if split {
         let mut index = 0u32;
         for _ in 0..count {
-            let d = SplitDesc::from_le_bytes(read(index, &mut hint));
+            let (low, high) = read(index);
+            let d = SplitDesc::from_words(low, high);
             if d.is_indirect() {
                 return Err(ChainError::NestedIndirect);
             }
@@ -607,7 +611,8 @@ fn walk_indirect(
         Err(ChainError::TooLong { limit: count })
     } else {
         for index in 0..count {
-            let d = PackedDesc::from_le_bytes(read(index, &mut hint));
+            let (low, high) = read(index);
+            let d = PackedDesc::from_words(low, high);
             if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
                 return Err(ChainError::NestedIndirect);
             }
@@ -719,10 +724,8 @@ impl SplitQueue {
         let size = self.layout.queue_size();
         let mut index = head;
         for count in 0..u32::from(size) {
-            let d = SplitDesc::from_le_bytes(
-                self.desc
-                    .read_array::<DESC_SIZE_BYTES>(self.layout.desc_offset(index)),
-            );
+            let (low, high) = self.desc.read_u64_pair(self.layout.desc_offset(index));
+            let d = SplitDesc::from_words(low, high);
             if d.is_indirect() {
                 if count != 0 || d.has_next() {
                     return Err(ChainError::IndirectInChain);
