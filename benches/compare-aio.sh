@@ -3,11 +3,22 @@
 # 4 KiB random reads, queue depth 128, one job pinned to core 0, O_DIRECT where the file
 # system allows it. Prints IOPS per engine and the ratio Pollux / fio, plus a row for the
 # uring bdev with bdevperf --interrupt-mode (the reactor sleeps on the ring's completion
-# eventfd instead of busy-polling; the aio bdev has no completion fd, so it gets no such row).
+# eventfd instead of busy-polling; the aio bdev has no completion fd, so it gets no such row)
+# and one for fio's io_uring engine tuned (--registerfiles --fixedbufs, which the uring bdev
+# does not use) against that interrupt-mode figure.
+#
+# fio's io_uring engine (3.33+) sets its ring up with SINGLE_ISSUER | DEFER_TASKRUN |
+# COOP_TASKRUN; the uring bdev uses SINGLE_ISSUER | DEFER_TASKRUN too, so the default rows
+# compare like with like.
+#
+# The default file lives on a disk file system (/var/tmp), where O_DIRECT reads reach the
+# block layer and io_uring issues them inline, as for a real deployment on a disk. On tmpfs
+# (FILE=/dev/shm/...) io_uring hands every read to an io-wq worker thread, which a
+# busy-polling reactor pinned to the same core competes with (docs/performance.md).
 #
 # Usage: benches/compare-aio.sh
 # Environment (defaults in brackets):
-#   FILE        the backing file [/dev/shm/pollux-compare-aio.img], created if absent or
+#   FILE        the backing file [/var/tmp/pollux-compare-aio.img], created if absent or
 #               of another size, filled with zeroes so that every page exists
 #   SIZE_MIB    its size [1024]
 #   RUNTIME_S   seconds per run [10]
@@ -19,7 +30,7 @@
 
 set -euo pipefail
 
-FILE=${FILE:-/dev/shm/pollux-compare-aio.img}
+FILE=${FILE:-/var/tmp/pollux-compare-aio.img}
 SIZE_MIB=${SIZE_MIB:-1024}
 RUNTIME_S=${RUNTIME_S:-10}
 QUEUE_DEPTH=${QUEUE_DEPTH:-128}
@@ -73,13 +84,14 @@ if [[ $(awk '/^HugePages_Free/ {print $2}' /proc/meminfo) == 0 ]]; then
     huge_args=(--no-huge)
 fi
 
-# fio_iops ENGINE: IOPS of one fio run.
+# fio_iops ENGINE [FIO ARGS...]: IOPS of one fio run.
 fio_iops() {
-    local engine=$1 out="$WORK/fio-$1.json"
+    local engine=$1 out="$WORK/fio-$1-$#.json"
+    shift
     fio --name="randread-$engine" --filename="$FILE" --ioengine="$engine" \
         --rw=randread --bs="$IO_SIZE_BYTES" --iodepth="$QUEUE_DEPTH" --direct="$direct" \
         --numjobs=1 --time_based --runtime="$RUNTIME_S" --cpus_allowed=0 \
-        --norandommap --randrepeat=0 --output-format=json --output="$out" >/dev/null ||
+        --norandommap --randrepeat=0 "$@" --output-format=json --output="$out" >/dev/null ||
         die "fio --ioengine=$engine failed (see $out)"
     jq '.jobs[0].read.iops' "$out"
 }
@@ -104,12 +116,13 @@ ratio() {
     awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'
 }
 
-echo "running: fio libaio, Pollux aio, fio io_uring, Pollux uring, Pollux uring --interrupt-mode (${RUNTIME_S} s each)..." >&2
+echo "running: fio libaio, Pollux aio, fio io_uring, Pollux uring, Pollux uring --interrupt-mode, fio io_uring tuned (${RUNTIME_S} s each)..." >&2
 fio_libaio=$(fio_iops libaio)
 pollux_aio=$(pollux_iops bdev_aio_create Aio0)
 fio_uring=$(fio_iops io_uring)
 pollux_uring=$(pollux_iops bdev_uring_create Uring0)
 pollux_uring_intr=$(pollux_iops bdev_uring_create UringIntr0 --interrupt-mode)
+fio_uring_tuned=$(fio_iops io_uring --registerfiles=1 --fixedbufs=1)
 
 cpu=$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 echo
@@ -120,3 +133,5 @@ printf '%-20s %14.0f %14.0f %12s\n' aio "$fio_libaio" "$pollux_aio" "$(ratio "$p
 printf '%-20s %14.0f %14.0f %12s\n' io_uring "$fio_uring" "$pollux_uring" "$(ratio "$pollux_uring" "$fio_uring")"
 printf '%-20s %14.0f %14.0f %12s\n' "io_uring (interrupt)" "$fio_uring" "$pollux_uring_intr" \
     "$(ratio "$pollux_uring_intr" "$fio_uring")"
+printf '%-20s %14.0f %14.0f %12s\n' "io_uring (fio tuned)" "$fio_uring_tuned" "$pollux_uring_intr" \
+    "$(ratio "$pollux_uring_intr" "$fio_uring_tuned")"
