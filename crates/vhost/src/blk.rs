@@ -855,6 +855,16 @@ impl BlkQueue {
     fn blocks(&self, sector: u64, bytes: u64) -> Option<(u64, u64)> {
         let block = u64::from(self.dev.block_size_bytes);
         let offset = sector.checked_mul(SECTOR_SIZE_BYTES)?;
+        if block.is_power_of_two() {
+            // Every request passes here: a mask and a shift, not four 64-bit divisions
+            // (tens of cycles each on these cores, where callgrind counts one instruction).
+            let mask = block - 1;
+            if offset & mask != 0 || bytes & mask != 0 || bytes == 0 {
+                return None;
+            }
+            let shift = block.trailing_zeros();
+            return Some((offset >> shift, bytes >> shift));
+        }
         if !offset.is_multiple_of(block) || !bytes.is_multiple_of(block) || bytes == 0 {
             return None;
         }
