@@ -28,8 +28,9 @@
 //! disabled (`IORING_SETUP_R_DISABLED`) and enabled by the first poll, so that its single
 //! issuer is the thread that polls the channel, not the one that created it. Measured on a
 //! shared 2-vCPU VM (docs/performance.md, 2026-12-07): with `bdevperf --interrupt-mode`, 4 KiB
-//! random reads at queue depth 128 went from a median of about 1.0 of fio to about 1.1 (0.85
-//! to 1.33 over the runs); busy-polling stays below fio on that oversubscribed machine.
+//! random reads at queue depth 128 went from a median of 0.98 of fio to 1.06 (0.69 to 1.33
+//! over the runs, a small gain against that noise); busy-polling stays below fio on that
+//! oversubscribed machine.
 //! Registered files (`IOSQE_FIXED_FILE`), batching submissions over several polls, COOP_TASKRUN,
 //! SQPOLL, IOPOLL and `IORING_REGISTER_IOWQ_AFF` were measured too and are not used: none won
 //! there (IOPOLL needs a device with poll queues; SQPOLL's kernel thread competed for the
