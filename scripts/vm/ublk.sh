@@ -105,6 +105,41 @@ expect_no_disk() {
     fi
 }
 
+# save_config into file $1.
+save_config() {
+    rpc save_config > "$1" 2> /tmp/save-config.err || { cat "$1" /tmp/save-config.err; ufail "save_config failed"; }
+}
+
+# The ublk_start_disk entry for id $2 in saved configuration $1, as one line (whitespace
+# removed); fails when there is none.
+config_disk_line() {
+    tr -d ' \t\r\n' < "$1" | tr '}' '\n' | grep '"method":"ublk_start_disk"' | grep -E "\"ublk_id\":$2(,|\$)"
+}
+
+# Saved configuration $1 must start disk $2 with user copy ($3 true) or without ($3 false).
+expect_user_copy() {
+    line="$(config_disk_line "$1" "$2")" || { cat "$1"; ufail "$1 has no ublk_start_disk for id $2"; }
+    case "$line" in
+        *'"user_copy":true'*) got=true ;;
+        *) got=false ;;
+    esac
+    [ "$got" = "$3" ] || { cat "$1"; ufail "$1: disk $2 has user_copy $got, want $3"; }
+}
+
+# True when neither /dev/ublkbN nor /dev/ublkcN exists for any id N given.
+no_ublk_devices() {
+    for id in "$@"; do
+        if [ -e "/dev/ublkb$id" ] || [ -e "/dev/ublkc$id" ]; then
+            return 1
+        fi
+    done
+}
+
+# MD5 of the whole block device $1, read with O_DIRECT.
+dev_md5() {
+    dd if="$1" bs=1M iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1
+}
+
 wait_disk() {
     wait_for "[ -b /dev/ublkb$1 ]" 30 || ufail "no /dev/ublkb$1 30 s after ublk_start_disk"
     echo "/dev/ublkb$1: $(blockdev --getsize64 "/dev/ublkb$1") bytes, logical blocks of $(blockdev --getss "/dev/ublkb$1")"
@@ -299,6 +334,47 @@ if [ "$variant" = disks ]; then
     wait_disk 3
     expect_disk 3 Malloc1 2 64
     fio_verify /dev/ublkb3
+
+    step "save_config with live disks 0, 1 and 3 (user copy); checksum of /dev/ublkb1"
+    save_config /tmp/saved.json
+    for id in 0 1 3; do
+        config_disk_line /tmp/saved.json "$id" > /dev/null ||
+            { cat /tmp/saved.json; ufail "save_config has no ublk_start_disk for id $id"; }
+    done
+    expect_user_copy /tmp/saved.json 3 true
+    sum_before="$(dev_md5 /dev/ublkb1)"
+    echo "/dev/ublkb1: MD5 $sum_before"
+
+    step "SIGINT with live disks 0, 1 and 3: exit 0, /dev/ublkb* and /dev/ublkc* gone"
+    stop_target
+    wait_for "no_ublk_devices 0 1 3" 10 ||
+        { ls -l /dev/ublk*; fail "/dev/ublkb or /dev/ublkc of disk 0, 1 or 3 left 10 s after pollux-ublk exited on SIGINT"; }
+    echo "/dev/ublkb0,1,3 and /dev/ublkc0,1,3 gone"
+
+    step "restart pollux-ublk -c with save_config's output: the same disks, ids and data"
+    start_target -c /tmp/saved.json
+    for id in 0 1 3; do
+        wait_disk "$id"
+    done
+    expect_disk 0 Malloc0 2 128
+    expect_disk 1 Nvme0n1 2 128
+    expect_disk 3 Malloc1 2 64
+    [ "$(disks_lines | wc -l)" = 3 ] || { cat /tmp/disks.json; ufail "ublk_get_disks lists other disks than 0, 1 and 3"; }
+    save_config /tmp/saved2.json
+    expect_user_copy /tmp/saved2.json 3 true
+    expect_user_copy /tmp/saved2.json 0 false
+    expect_user_copy /tmp/saved2.json 1 false
+    sum_after="$(dev_md5 /dev/ublkb1)"
+    [ "$sum_after" = "$sum_before" ] ||
+        ufail "/dev/ublkb1 (Nvme0n1) changed across the restart: MD5 $sum_before before, $sum_after after"
+    mount -t ext4 -o ro /dev/ublkb1 /mnt || ufail "mount /dev/ublkb1 after the restart"
+    (cd /mnt && md5sum -c /tmp/sums > /dev/null) || ufail "files on /dev/ublkb1 differ after the restart"
+    umount /mnt || ufail "umount /dev/ublkb1 after the restart"
+    echo "/dev/ublkb1: MD5 unchanged across the restart, $(wc -l < /tmp/sums) files intact"
+    head -c 1048576 /dev/urandom > /tmp/uc-pattern
+    dd if=/tmp/uc-pattern of=/dev/ublkb3 bs=64k oflag=direct 2>/dev/null || ufail "write to /dev/ublkb3 (user copy) after the restart"
+    dd if=/dev/ublkb3 of=/tmp/uc-back bs=64k count=16 iflag=direct 2>/dev/null || ufail "read of /dev/ublkb3 (user copy) after the restart"
+    cmp /tmp/uc-pattern /tmp/uc-back || ufail "/dev/ublkb3 (user copy) reads back other data after the restart"
     rpc_ok ublk_stop_disk 3
     wait_for "[ ! -e /dev/ublkb3 ] && [ ! -e /dev/ublkc3 ]" 30 ||
         ufail "/dev/ublkb3 or /dev/ublkc3 still there 30 s after ublk_stop_disk 3"
@@ -369,20 +445,20 @@ wait_fio() {
     echo "fio ended with status $fio_rc"
 }
 
-if [ "$mode" = kept ]; then
-    # A write issued while no server runs must wait in the quiesced queue and complete after
-    # the recovery, with its data there.
-    step "a 64 KiB write to /dev/ublkb1 while no server runs: held"
+# Starts a 64 KiB write of new random data (/tmp/pattern) at 64 KiB block $1 of /dev/ublkb1,
+# with no server running; it must still be waiting 2 s later. Sets held_pid.
+held_write() {
     dd if=/dev/urandom of=/tmp/pattern bs=64k count=1 2>/dev/null
-    dd if=/tmp/pattern of=/dev/ublkb1 bs=64k seek=100 count=1 oflag=direct 2>/tmp/held.err &
+    dd if=/tmp/pattern of=/dev/ublkb1 bs=64k seek="$1" count=1 oflag=direct 2>/tmp/held.err &
     held_pid=$!
     sleep 2
     kill -0 "$held_pid" 2>/dev/null ||
         { cat /tmp/held.err; fail "the write to a disk with no server ended at once instead of waiting"; }
-    step "user recovery: restart pollux-ublk -c, ublk_recover_disk Nvme0n1 1"
-    start_target -c /tmp/ublk.json
-    rpc_ok ublk_create_target
-    rpc_ok ublk_recover_disk Nvme0n1 1
+}
+
+# After a recovery: the held write (at 64 KiB block $1) must complete within 60 s, its data on
+# the disk.
+held_write_done() {
     deadline=$(($(uptime_s) + 60))
     while kill -0 "$held_pid" 2>/dev/null; do
         [ "$(uptime_s)" -lt "$deadline" ] || fail "the held write did not complete within 60 s of the recovery"
@@ -391,10 +467,22 @@ if [ "$mode" = kept ]; then
     held_rc=0
     wait "$held_pid" || held_rc=$?
     [ "$held_rc" -eq 0 ] || { cat /tmp/held.err; fail "the held write failed (status $held_rc)"; }
-    dd if=/dev/ublkb1 of=/tmp/readback bs=64k skip=100 count=1 iflag=direct 2>/dev/null ||
+    dd if=/dev/ublkb1 of=/tmp/readback bs=64k skip="$1" count=1 iflag=direct 2>/dev/null ||
         fail "reading the held write back failed"
     cmp /tmp/pattern /tmp/readback || fail "the held write's data is not on the disk after the recovery"
     echo "the write held while no server ran completed after the recovery, data intact"
+}
+
+if [ "$mode" = kept ]; then
+    # A write issued while no server runs must wait in the quiesced queue and complete after
+    # the recovery, with its data there.
+    step "a 64 KiB write to /dev/ublkb1 while no server runs: held"
+    held_write 100
+    step "user recovery: restart pollux-ublk -c, ublk_recover_disk Nvme0n1 1"
+    start_target -c /tmp/ublk.json
+    rpc_ok ublk_create_target
+    rpc_ok ublk_recover_disk Nvme0n1 1
+    held_write_done 100
     wait_fio 90
     expect_disk 1 Nvme0n1 2 128
 else
@@ -408,6 +496,43 @@ fi
 wait_disk 1
 step "fio verify on /dev/ublkb1 after the restart"
 fio_verify /dev/ublkb1
+
+if [ "$mode" = kept ]; then
+    # Second round: the quiesced disk recovered by ublk_start_disk (which finds it quiesced),
+    # after a refused ublk_recover_disk onto a bdev of another size.
+    step "round 2: 4 MiB written to /dev/ublkb1, kill -9 pollux-ublk with the disk idle"
+    dd if=/dev/urandom of=/tmp/before bs=1M count=4 2>/dev/null
+    dd if=/tmp/before of=/dev/ublkb1 bs=1M seek=48 count=4 oflag=direct 2>/dev/null ||
+        ufail "writing 4 MiB to /dev/ublkb1 before the second kill failed"
+    kill -9 "$UBLK_PID"
+    wait "$UBLK_PID" 2>/dev/null
+    sleep 2
+    [ -b /dev/ublkb1 ] || fail "round 2: the kernel removed /dev/ublkb1 after kill -9 (it kept it in round 1)"
+    held_write 640
+    step "round 2: restart; ublk_recover_disk onto Small (32 MiB, not $NVME_MIB MiB) must be refused"
+    start_target -c /tmp/ublk.json
+    rpc_ok ublk_create_target
+    rpc_ok bdev_malloc_create -b Small 32 512
+    rpc_fails "ublk_recover_disk onto a bdev of another size" ublk_recover_disk Small 1
+    sed -n '/^response:/,$p' /tmp/rpc-fail.out > /tmp/rpc-fail.response
+    grep -q -- '-32602' /tmp/rpc-fail.response ||
+        ufail "the refused ublk_recover_disk Small 1 did not answer -32602 (invalid params)"
+    grep -q 'bdev_name' /tmp/rpc-fail.response || ufail "the refused ublk_recover_disk Small 1 does not name bdev_name"
+    grep -q 'Small' /tmp/rpc-fail.response || ufail "the refused ublk_recover_disk Small 1 does not name the bdev Small"
+    expect_no_disk 1
+    [ -b /dev/ublkb1 ] || ufail "the refused ublk_recover_disk removed /dev/ublkb1"
+    kill -0 "$held_pid" 2>/dev/null ||
+        { cat /tmp/held.err; ufail "the held write ended after the refused ublk_recover_disk"; }
+    step "round 2: ublk_start_disk Nvme0n1 1 recovers the quiesced disk"
+    rpc_ok ublk_start_disk Nvme0n1 1 -q 2 -d 128
+    held_write_done 640
+    expect_disk 1 Nvme0n1 2 128
+    dd if=/dev/ublkb1 of=/tmp/after bs=1M skip=48 count=4 iflag=direct 2>/dev/null ||
+        ufail "reading back the 4 MiB written before the second kill failed"
+    cmp /tmp/before /tmp/after || ufail "the 4 MiB written before the second kill differ after the recovery"
+    echo "round 2: the 4 MiB written before the kill read back intact"
+    ! grep -q panicked "$LOG" || ufail "pollux-ublk panicked"
+fi
 rpc_ok ublk_stop_disk 1
 wait_for "[ ! -e /dev/ublkb1 ] && [ ! -e /dev/ublkc1 ]" 30 || ufail "/dev/ublkb1 still there after ublk_stop_disk"
 rpc_ok ublk_destroy_target
