@@ -2,7 +2,8 @@
 # vhost-user-blk targets side by side, all driven by the same initiator: bdevperf -> the
 # virtio_blk bdev (Pollux's virtio-user front-end) -> the target's socket. 4 KiB random reads
 # and random writes at queue depth 128; the target pinned to one core, bdevperf to another.
-# Prints IOPS and p99 latency per target and workload.
+# Prints IOPS and p99 latency per target and workload, then pollux/qsd (null bdev over
+# null-co) per workload when both ran. A run with a failed I/O stops the script.
 #
 # Targets:
 #   qsd-null       qemu-storage-daemon, blockdev null-co (no data moved, as Pollux's null bdev)
@@ -161,6 +162,7 @@ initiator_config "$WORK/virtio-split.json" false
 initiator_config "$WORK/virtio-packed.json" true
 
 rows=()
+declare -A iops_of=()
 for target in $TARGETS; do
     if [[ $target == pollux-* && -z "$POLLUX_VHOST" ]]; then
         rows+=("$(printf '%-14s %-7s %-10s %12s %12s' "$target" "-" "-" "not built" "-")")
@@ -180,6 +182,9 @@ for target in $TARGETS; do
         stop_target
         iops=$(jq -r '.total.iops' "$json")
         p99=$(jq -r '.total.p99_latency_us' "$json")
+        failed=$(jq -r '.total.io_failed // 0' "$json")
+        [[ "$failed" == 0 ]] || die "$target $workload: $failed I/Os failed"
+        iops_of[$target/$workload]=$iops
         rows+=("$(printf '%-14s %-7s %-10s %12.0f %12.1f' "$target" "$ring" "$workload" "$iops" "$p99")")
     done
 done
@@ -191,3 +196,11 @@ echo "  4 KiB, QD $QUEUE_DEPTH, $RUNTIME_S s per run; target on core $TARGET_COR
 echo
 printf '%-14s %-7s %-10s %12s %12s\n' target ring workload IOPS "p99 (us)"
 printf '%s\n' "${rows[@]}"
+# The issue's figure: Pollux over qemu-storage-daemon, both null, one target core each.
+for workload in randread randwrite; do
+    pollux=${iops_of[pollux-null/$workload]:-}
+    qsd=${iops_of[qsd-null/$workload]:-}
+    if [[ -n "$pollux" && -n "$qsd" ]]; then
+        printf 'pollux/qsd null %-9s %.2f\n' "$workload" "$(jq -n "$pollux / $qsd")"
+    fi
+done
