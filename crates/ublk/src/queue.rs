@@ -454,19 +454,35 @@ impl Core {
         };
         self.tags[usize::from(tag)].op = op;
         if self.user_copy && op.io_type == IoType::Write {
-            let sqe = opcode::Read::new(
-                types::Fd(self.cdev_fd),
-                self.buffer_addr(tag) as *mut u8,
-                op.data_bytes,
-            )
-            .offset(sys::user_copy_offset(self.q_id, tag))
-            .build()
-            .user_data(u64::from(tag) | (KIND_COPY_IN << 16));
-            self.tags[usize::from(tag)].state = TagState::Copying;
-            self.push(sq, &sqe);
-            return;
+            return self.queue_user_copy(tag, op, KIND_COPY_IN, sq);
         }
         self.submit_bdev(tag, op, sq, chan);
+    }
+
+    /// USER_COPY: moves a request's data between the kernel and the tag's buffer (a write's
+    /// in with KIND_COPY_IN, a read's out with KIND_COPY_OUT) through the char device.
+    #[inline]
+    fn queue_user_copy(
+        &mut self,
+        tag: u16,
+        op: BdevOp,
+        kind: u64,
+        sq: &mut io_uring::SubmissionQueue<'_>,
+    ) {
+        let fd = types::Fd(self.cdev_fd);
+        let buf = self.buffer_addr(tag) as *mut u8;
+        let offset = sys::user_copy_offset(self.q_id, tag);
+        let sqe = if kind == KIND_COPY_IN {
+            opcode::Read::new(fd, buf, op.data_bytes)
+                .offset(offset)
+                .build()
+        } else {
+            opcode::Write::new(fd, buf, op.data_bytes)
+                .offset(offset)
+                .build()
+        };
+        self.tags[usize::from(tag)].state = TagState::Copying;
+        self.push(sq, &sqe.user_data(u64::from(tag) | (kind << 16)));
     }
 
     #[inline]
@@ -530,17 +546,7 @@ impl Core {
         }
         let op = t.op;
         if self.user_copy && op.io_type == IoType::Read {
-            let sqe = opcode::Write::new(
-                types::Fd(self.cdev_fd),
-                self.buffer_addr(tag) as *const u8,
-                op.data_bytes,
-            )
-            .offset(sys::user_copy_offset(self.q_id, tag))
-            .build()
-            .user_data(u64::from(tag) | (KIND_COPY_OUT << 16));
-            self.tags[usize::from(tag)].state = TagState::Copying;
-            self.push(sq, &sqe);
-            return;
+            return self.queue_user_copy(tag, op, KIND_COPY_OUT, sq);
         }
         let result = if op.io_type.carries_data() {
             op.data_bytes as i32
