@@ -307,6 +307,9 @@ struct AioCreate {
     /// Allocate the file's blocks up front.
     #[arg(long = "fallocate")]
     fallocate: bool,
+    /// Through the page cache instead of O_DIRECT (Pollux's `"direct": false`).
+    #[arg(long = "no-direct")]
+    no_direct: bool,
     #[arg(short = 'u', long = "uuid")]
     uuid: Option<String>,
 }
@@ -316,6 +319,9 @@ struct UringCreate {
     filename: String,
     name: String,
     block_size: Option<u64>,
+    /// Through the page cache instead of O_DIRECT (Pollux's `"direct": false`).
+    #[arg(long = "no-direct")]
+    no_direct: bool,
     #[arg(short = 'u', long = "uuid")]
     uuid: Option<String>,
 }
@@ -631,6 +637,7 @@ fn request(command: &Command) -> Result<(String, Option<Value>), String> {
                 .opt("block_size", a.block_size)
                 .flag("readonly", a.readonly)
                 .flag("fallocate", a.fallocate)
+                .opt("direct", a.no_direct.then_some(false))
                 .opt("uuid", a.uuid.clone())
                 .build(),
         ),
@@ -639,6 +646,7 @@ fn request(command: &Command) -> Result<(String, Option<Value>), String> {
             p().set("name", a.name.as_str())
                 .set("filename", a.filename.as_str())
                 .opt("block_size", a.block_size)
+                .opt("direct", a.no_direct.then_some(false))
                 .opt("uuid", a.uuid.clone())
                 .build(),
         ),
@@ -966,6 +974,31 @@ mod tests {
             Some(json!({"ublk_id": 1}))
         );
         assert_eq!(parse(&["ublk_get_disks"]).0, "ublk_get_disks");
+    }
+
+    #[test]
+    fn file_bdevs_take_no_direct() {
+        assert_eq!(
+            parse(&[
+                "bdev_uring_create",
+                "/dev/vdb",
+                "Uring0",
+                "4096",
+                "--no-direct"
+            ])
+            .1,
+            Some(
+                json!({"name": "Uring0", "filename": "/dev/vdb", "block_size": 4096, "direct": false})
+            )
+        );
+        assert_eq!(
+            parse(&["bdev_uring_create", "/dev/vdb", "Uring0"]).1,
+            Some(json!({"name": "Uring0", "filename": "/dev/vdb"}))
+        );
+        assert_eq!(
+            parse(&["bdev_aio_create", "/f", "Aio0", "--no-direct", "-r"]).1,
+            Some(json!({"name": "Aio0", "filename": "/f", "readonly": true, "direct": false}))
+        );
     }
 
     #[test]

@@ -489,6 +489,63 @@ fn config_creates_both_and_save_config_rebuilds_them() {
 }
 
 #[test]
+fn direct_false_goes_through_the_page_cache_and_is_saved() {
+    let file_a = TempFile::new(&std::env::temp_dir(), &pattern(1 << 20, 3));
+    let file_b = TempFile::new(&std::env::temp_dir(), &pattern(1 << 20, 3));
+    let text = bdev_config(&format!(
+        r#"{{"method": "bdev_aio_create", "params": {{"name": "Aio0", "filename": "{}",
+              "block_size": 4096, "direct": false}}}},
+           {{"method": "bdev_uring_create", "params": {{"name": "Uring0", "filename": "{}",
+              "block_size": 4096, "direct": false}}}},
+           {{"method": "bdev_uring_create", "params": {{"name": "Uring1", "filename": "{}",
+              "block_size": 4096}}}}"#,
+        file_a.0.display(),
+        file_b.0.display(),
+        file_b.0.display()
+    ));
+    let registry = BdevRegistry::new();
+    load(&text, &registry).expect("config");
+    for name in ["Aio0", "Uring0"] {
+        let info = registry.info(name).expect(name);
+        // Buffered: no O_DIRECT alignment rule on the caller's buffers.
+        assert_eq!(info.required_alignment_bytes, 1, "{name}");
+        // Data still flows, from a buffer at an odd address.
+        let desc = registry.open(name, true, None).expect("open");
+        let mut channel = desc.channel(4).expect("channel");
+        let mut buffer = Aligned::new(4096 + 64);
+        let iov = [buffer.iov(3, 4096)];
+        channel.read(1, 5, 1, &iov).expect("slot");
+        assert_eq!(wait_one(&mut channel), IoStatus::Success, "{name}");
+        assert_eq!(
+            &buffer.bytes()[3..4096 + 3],
+            &pattern(1 << 20, 3)[5 * 4096..6 * 4096],
+            "{name}"
+        );
+    }
+    let saved = registry.save_config();
+    let entries = saved["config"].as_array().expect("config array");
+    let direct_of = |name: &str| {
+        entries
+            .iter()
+            .find(|entry| entry["params"]["name"] == name)
+            .map(|entry| entry["params"].get("direct").cloned())
+            .expect(name)
+    };
+    assert_eq!(direct_of("Aio0"), Some(serde_json::json!(false)));
+    assert_eq!(direct_of("Uring0"), Some(serde_json::json!(false)));
+    // The default is not written, so that the saved config also loads in SPDK.
+    assert_eq!(direct_of("Uring1"), None);
+
+    let bad = bdev_config(&format!(
+        r#"{{"method": "bdev_uring_create", "params": {{"name": "Uring2", "filename": "{}",
+              "direct": "no"}}}}"#,
+        file_a.0.display()
+    ));
+    let error = load(&bad, &BdevRegistry::new()).expect_err("direct must be a boolean");
+    assert!(format!("{error}").contains("direct"), "{error}");
+}
+
+#[test]
 fn config_errors_name_method_param_and_path() {
     let file = TempFile::new(&std::env::temp_dir(), &vec![0; 1 << 16]);
     let missing = std::env::temp_dir().join("pollux-aio-test-no-such-file");

@@ -267,20 +267,30 @@ fn open_with(path: &Path, readonly: bool, direct: bool) -> io::Result<File> {
         .open(path)
 }
 
-/// Opens `path` for a file-backed bdev: O_DIRECT first, buffered when the file system
-/// refuses O_DIRECT (EINVAL). `block_size`: `None` detects it.
+/// Adds `"direct": false` to a module's saved parameters when the bdev was asked for the
+/// page cache; the default stays unwritten, so that saved configs also load in SPDK.
+pub(crate) fn write_direct_param(params: &mut serde_json::Value, direct: bool) {
+    if !direct {
+        params["direct"] = serde_json::Value::Bool(false);
+    }
+}
+
+/// Opens `path` for a file-backed bdev. `direct`: O_DIRECT first, buffered when the file
+/// system refuses O_DIRECT (EINVAL); false: buffered through the page cache (the bdev's
+/// `"direct": false`). `block_size`: `None` detects it.
 pub(crate) fn open(
     module: &'static str,
     path: &Path,
     block_size: Option<u32>,
     readonly: bool,
+    direct: bool,
 ) -> Result<BackingFile, FileBdevError> {
     let open_error = |source| FileBdevError::Open {
         path: path.to_path_buf(),
         source,
     };
-    let (file, direct) = match open_with(path, readonly, true) {
-        Ok(file) => (file, true),
+    let (file, direct) = match open_with(path, readonly, direct) {
+        Ok(file) => (file, direct),
         Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
             tracing::warn!(module, path = %path.display(), "O_DIRECT refused by the file system (EINVAL): using buffered I/O through the page cache");
             (open_with(path, readonly, false).map_err(open_error)?, false)

@@ -63,6 +63,9 @@ pub struct AioOptions {
     pub readonly: bool,
     /// Support unmap and write zeroes through `fallocate(2)` (SPDK's default: false).
     pub fallocate: bool,
+    /// O_DIRECT where the file system allows it (the default, as SPDK); false: through the
+    /// page cache (Pollux's `"direct": false`).
+    pub direct: bool,
     pub uuid: Option<Uuid>,
 }
 
@@ -75,6 +78,7 @@ impl AioOptions {
             block_size_bytes: None,
             readonly: false,
             fallocate: false,
+            direct: true,
             uuid: None,
         }
     }
@@ -87,6 +91,8 @@ struct AioBackend {
     zeroing: bool,
     /// The `block_size` given at creation (`None`: detected), for `write_config`.
     block_size_param: Option<u32>,
+    /// The `direct` given at creation, for `write_config`.
+    direct_param: bool,
 }
 
 impl BdevBackend for AioBackend {
@@ -143,6 +149,7 @@ impl BdevBackend for AioBackend {
         if let Some(block_size) = self.block_size_param {
             params["block_size"] = serde_json::json!(block_size);
         }
+        file::write_direct_param(&mut params, self.direct_param);
         serde_json::json!({ "method": METHOD, "params": params })
     }
 }
@@ -377,6 +384,7 @@ pub fn create(registry: &BdevRegistry, options: AioOptions) -> Result<BdevInfo, 
         &options.filename,
         options.block_size_bytes,
         options.readonly,
+        options.direct,
     )?;
     let zeroing = options.fallocate && !options.readonly;
     if zeroing && !file.punch_hole {
@@ -408,6 +416,7 @@ pub fn create(registry: &BdevRegistry, options: AioOptions) -> Result<BdevInfo, 
         name: options.name,
         zeroing,
         block_size_param: options.block_size_bytes,
+        direct_param: options.direct,
     };
     Ok(registry.register(spec, Arc::new(backend))?)
 }
@@ -420,11 +429,13 @@ const PARAMS: &[&str] = &[
     "fallocate",
     "uuid",
     "nowait",
+    "direct",
 ];
 
 /// Parses `bdev_aio_create`'s parameters (SPDK's names: `name` and `filename` required;
 /// `block_size` optional, 0 or absent to detect; `readonly` and `fallocate` optional, false
-/// by default; `uuid` optional; `nowait` accepted and ignored). The file must exist.
+/// by default; `uuid` optional; `nowait` accepted and ignored), plus Pollux's `direct`
+/// (optional, true by default). The file must exist.
 pub fn parse(params: &Params<'_>) -> Result<Box<dyn PendingBdev>, BdevError> {
     params.allow_only(PARAMS)?;
     let name = params.required_str("name")?;
@@ -432,6 +443,7 @@ pub fn parse(params: &Params<'_>) -> Result<Box<dyn PendingBdev>, BdevError> {
     let block_size_bytes = file::parse_block_size(params)?;
     let readonly = params.bool("readonly")?.unwrap_or(false);
     let fallocate = params.bool("fallocate")?.unwrap_or(false);
+    let direct = params.bool("direct")?.unwrap_or(true);
     let uuid = params.uuid("uuid")?;
     if params.bool("nowait")? == Some(true) {
         tracing::debug!(
@@ -446,6 +458,7 @@ pub fn parse(params: &Params<'_>) -> Result<Box<dyn PendingBdev>, BdevError> {
         block_size_bytes,
         readonly,
         fallocate,
+        direct,
         uuid,
     }))
 }

@@ -79,6 +79,9 @@ pub struct UringOptions {
     pub filename: PathBuf,
     /// `None`: detected, as for the aio bdev.
     pub block_size_bytes: Option<u32>,
+    /// O_DIRECT where the file system allows it (the default, as SPDK); false: through the
+    /// page cache, where io_uring serves cached reads inline (Pollux's `"direct": false`).
+    pub direct: bool,
     pub uuid: Option<Uuid>,
 }
 
@@ -88,6 +91,7 @@ impl UringOptions {
             name: name.into(),
             filename: filename.into(),
             block_size_bytes: None,
+            direct: true,
             uuid: None,
         }
     }
@@ -128,6 +132,8 @@ struct UringBackend {
     name: String,
     zeroing: bool,
     block_size_param: Option<u32>,
+    /// The `direct` given at creation, for `write_config`.
+    direct_param: bool,
 }
 
 impl BdevBackend for UringBackend {
@@ -177,6 +183,7 @@ impl BdevBackend for UringBackend {
         if let Some(block_size) = self.block_size_param {
             params["block_size"] = serde_json::json!(block_size);
         }
+        file::write_direct_param(&mut params, self.direct_param);
         serde_json::json!({ "method": METHOD, "params": params })
     }
 }
@@ -466,7 +473,13 @@ pub fn create(registry: &BdevRegistry, options: UringOptions) -> Result<BdevInfo
         }
         .into());
     }
-    let file = file::open("uring", &options.filename, options.block_size_bytes, false)?;
+    let file = file::open(
+        "uring",
+        &options.filename,
+        options.block_size_bytes,
+        false,
+        options.direct,
+    )?;
     // Fail here, not at the first channel, when io_uring is not available.
     let ring = new_ring(&file.path, 2)?;
     let mut probe = Probe::new();
@@ -486,25 +499,29 @@ pub fn create(registry: &BdevRegistry, options: UringOptions) -> Result<BdevInfo
         file: Arc::new(file),
         name: options.name,
         block_size_param: options.block_size_bytes,
+        direct_param: options.direct,
     };
     Ok(registry.register(spec, Arc::new(backend))?)
 }
 
-const PARAMS: &[&str] = &["name", "filename", "block_size", "uuid"];
+const PARAMS: &[&str] = &["name", "filename", "block_size", "uuid", "direct"];
 
 /// Parses `bdev_uring_create`'s parameters (SPDK's names: `name` and `filename` required,
-/// `block_size` optional (0 or absent: detected), `uuid` optional). The file must exist.
+/// `block_size` optional (0 or absent: detected), `uuid` optional), plus Pollux's `direct`
+/// (optional, true by default). The file must exist.
 pub fn parse(params: &Params<'_>) -> Result<Box<dyn PendingBdev>, BdevError> {
     params.allow_only(PARAMS)?;
     let name = params.required_str("name")?;
     let filename = params.required_str("filename")?;
     let block_size_bytes = file::parse_block_size(params)?;
+    let direct = params.bool("direct")?.unwrap_or(true);
     let uuid = params.uuid("uuid")?;
     file::check_exists(params, filename)?;
     Ok(Box::new(UringOptions {
         name: name.to_string(),
         filename: PathBuf::from(filename),
         block_size_bytes,
+        direct,
         uuid,
     }))
 }
