@@ -54,7 +54,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use io_uring::{opcode, types, IoUring, Probe};
+use io_uring::{opcode, squeue, types, IoUring, Probe};
 
 use crate::config::{CreateContext, Params, PendingBdev};
 use crate::error::BdevError;
@@ -158,8 +158,19 @@ impl BdevBackend for UringBackend {
                     source: Box::new(error),
                 }
             })?;
+        // The file in the ring's table: the kernel then skips looking up and counting a
+        // reference on the fd per request (`IOSQE_FIXED_FILE`). Plain fds where refused.
+        let (sqe_fd, sqe_flags) = match ring.submitter().register_files(&[self.file.fd()]) {
+            Ok(()) => (0, squeue::Flags::FIXED_FILE),
+            Err(error) => {
+                tracing::debug!(path = %self.file.path.display(), %error, "uring: file not registered, using its fd");
+                (self.file.fd(), squeue::Flags::empty())
+            }
+        };
         let depth = usize::from(queue_depth);
         Ok(Box::new(UringChannel {
+            sqe_fd,
+            sqe_flags,
             ring,
             file: self.file.clone(),
             iovs: (0..depth)
@@ -189,6 +200,10 @@ impl BdevBackend for UringBackend {
 }
 
 struct UringChannel {
+    /// What a submission entry names the file by: index 0 of the ring's registered files
+    /// (with `sqe_flags` FIXED_FILE), or its fd where registering failed.
+    sqe_fd: i32,
+    sqe_flags: squeue::Flags,
     ring: IoUring,
     file: Arc<BackingFile>,
     /// Per slot: the request's iovecs in the kernel's layout, kept until completion.
@@ -340,7 +355,7 @@ impl BackendChannel for UringChannel {
         let len_bytes = io
             .num_blocks
             .saturating_mul(u64::from(self.file.block_size_bytes));
-        let fd = types::Fd(self.file.fd());
+        let fd = types::Fd(self.sqe_fd);
         let index = usize::from(io.slot);
         let entry = match io.io_type {
             IoType::Read | IoType::Write => {
@@ -406,7 +421,11 @@ impl BackendChannel for UringChannel {
                 return;
             }
         };
-        self.push(&entry.user_data(u64::from(io.slot)), done, io.slot);
+        self.push(
+            &entry.user_data(u64::from(io.slot)).flags(self.sqe_flags),
+            done,
+            io.slot,
+        );
     }
 
     fn poll(&mut self, done: &mut CompletionQueue) -> usize {
