@@ -68,46 +68,53 @@ mask() {
     printf '0x%x' $(((1 << $1) - 1))
 }
 
-# config FILE METHOD PARAMS: one bdev.
-config() {
-    cat >"$1" <<EOF
-{"subsystems": [{"subsystem": "bdev", "config": [{"method": "$2", "params": $3}]}]}
-EOF
+# bdev_entry BDEV: the config entry of the bdev under test (null or malloc), named Disk0.
+bdev_entry() {
+    case $1 in
+    null) echo '{"method": "bdev_null_create", "params": {"name": "Disk0", "num_blocks": 2097152, "block_size": 512}}' ;;
+    malloc) echo '{"method": "bdev_malloc_create", "params": {"name": "Disk0", "num_blocks": 131072, "block_size": 4096}}' ;;
+    esac
 }
-config "$WORK/null.json" bdev_null_create '{"name": "Null0", "num_blocks": 2097152, "block_size": 512}'
-config "$WORK/malloc.json" bdev_malloc_create '{"name": "Malloc0", "num_blocks": 131072, "block_size": 4096}'
 
-# run CONFIG CORES: total IOPS of every job.
-run() {
+# bdevperf_run BDEV N: total IOPS of bdevperf's jobs on the first N cores.
+bdevperf_run() {
     local json="$WORK/result.json"
-    NO_COLOR=1 "$BDEVPERF" --no-huge -c "$1" -m "$(mask "$2")" -q "$QUEUE_DEPTH" -o 4096 \
+    echo "{\"subsystems\": [{\"subsystem\": \"bdev\", \"config\": [$(bdev_entry "$1")]}]}" >"$WORK/bdev.json"
+    NO_COLOR=1 "$BDEVPERF" --no-huge -c "$WORK/bdev.json" -m "$(mask "$2")" -q "$QUEUE_DEPTH" -o 4096 \
         -w randread -t "$RUNTIME_S" --json "$json" >"$WORK/out" 2>&1 ||
-        die "bdevperf -c $1 -m $(mask "$2") failed: $(tail -5 "$WORK/out")"
+        die "bdevperf on $1, -m $(mask "$2") failed: $(tail -5 "$WORK/out")"
     jq '.total.iops' "$json"
+}
+
+# table RUN: for each bdev and core count, IOPS from `RUN BDEV N`, per core, and efficiency.
+table() {
+    printf '%-8s %6s %14s %12s %12s\n' bdev cores IOPS per-core efficiency
+    local bdev n iops base
+    for bdev in null malloc; do
+        base=""
+        for n in "${counts[@]}"; do
+            iops=$("$1" "$bdev" "$n")
+            [[ -n "$base" ]] || base=$iops
+            awk -v b="$bdev" -v n="$n" -v i="$iops" -v base="$base" 'BEGIN {
+                printf "%-8s %6d %14.0f %12.0f %12.2f\n", b, n, i, i / n, i / (n * base)
+            }'
+        done
+    done
 }
 
 echo "bdevperf scaling: 4 KiB randread, QD $QUEUE_DEPTH per job, one job per core, $RUNTIME_S s per run"
 echo "  $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'), $online cores online, $(date -u +%F)"
-printf '%-8s %6s %14s %12s %12s\n' bdev cores IOPS per-core efficiency
-for bdev in null malloc; do
-    base=""
-    for n in "${counts[@]}"; do
-        iops=$(run "$WORK/$bdev.json" "$n")
-        [[ -n "$base" ]] || base=$iops
-        awk -v b="$bdev" -v n="$n" -v i="$iops" -v base="$base" 'BEGIN {
-            printf "%-8s %6d %14.0f %12.0f %12.2f\n", b, n, i, i / n, i / (n * base)
-        }'
-    done
-done
+table bdevperf_run
 
 [[ $VHOST == 1 ]] || exit 0
 
 SOCKET_DIR=$WORK/sock
 mkdir -p "$SOCKET_DIR"
 
-# vhost_run BDEV_ENTRY N: IOPS of bdevperf through pollux-vhost, both on the first N cores.
+# vhost_run BDEV N: IOPS of bdevperf through pollux-vhost, both on the first N cores.
 vhost_run() {
-    local bdev=$1 n=$2 json="$WORK/vhost-result.json"
+    local bdev n=$2 json="$WORK/vhost-result.json"
+    bdev=$(bdev_entry "$1")
     cat >"$WORK/target.json" <<EOF
 {"subsystems": [
   {"subsystem": "bdev", "config": [$bdev]},
@@ -144,18 +151,4 @@ EOF
 echo
 echo "pollux-vhost scaling: bdevperf -> virtio_blk -> pollux-vhost, both --interrupt-mode on the same N cores,"
 echo "  one controller with N queues (one per reactor), one bdevperf job per core, QD $QUEUE_DEPTH per job"
-printf '%-8s %6s %14s %12s %12s\n' bdev cores IOPS per-core efficiency
-for bdev in null malloc; do
-    case $bdev in
-    null) entry='{"method": "bdev_null_create", "params": {"name": "Disk0", "num_blocks": 2097152, "block_size": 512}}' ;;
-    malloc) entry='{"method": "bdev_malloc_create", "params": {"name": "Disk0", "num_blocks": 131072, "block_size": 4096}}' ;;
-    esac
-    base=""
-    for n in "${counts[@]}"; do
-        iops=$(vhost_run "$entry" "$n")
-        [[ -n "$base" ]] || base=$iops
-        awk -v b="$bdev" -v n="$n" -v i="$iops" -v base="$base" 'BEGIN {
-            printf "%-8s %6d %14.0f %12.0f %12.2f\n", b, n, i, i / n, i / (n * base)
-        }'
-    done
-done
+table vhost_run
