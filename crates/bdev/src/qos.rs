@@ -6,8 +6,12 @@
 //! draw from it without a lock or a message). An I/O may start while every limit that
 //! applies to it has tokens left, and then takes its whole cost, so a bucket can go below
 //! zero; a deficit is carried into the next timeslice (large I/Os are not starved) and a
-//! surplus is not (an idle bdev does not save up a burst), as SPDK does. Only reads and
-//! writes are limited; flush, unmap, write zeroes and reset pass.
+//! surplus is not (an idle bdev does not save up a burst), as SPDK does. The refill is lazy
+//! (the first look in a new timeslice), so timeslices in which no channel looked, because the
+//! bdev was idle or its reactor was descheduled, are credited up to
+//! [`QOS_MAX_MISSED_TIMESLICES`]: SPDK's QoS poller credits every timeslice it ran late for,
+//! and without this a reactor that loses the CPU for a few milliseconds loses that much rate.
+//! Only reads and writes are limited; flush, unmap, write zeroes and reset pass.
 //!
 //! Two channels may both see the last token in a race and both start: the overshoot is one
 //! I/O per racing channel, and paid back in the next timeslice.
@@ -26,6 +30,9 @@ pub const QOS_TIMESLICE_US: u64 = 1000;
 /// I/O limits are multiples of this (SPDK's `SPDK_BDEV_QOS_MIN_IOS_PER_SEC`), so that each
 /// timeslice gets a whole number of I/Os.
 pub const QOS_MIN_IOS_PER_SEC: u64 = 1000;
+/// Timeslices credited at most at one refill: what a reactor may miss (descheduled, a long
+/// poll) without losing rate, and the largest burst an idle bdev may start with.
+pub const QOS_MAX_MISSED_TIMESLICES: u64 = 4;
 /// The `*_mbytes_per_sec` unit: MiB, as SPDK counts it.
 pub const QOS_MBYTE: u64 = 1024 * 1024;
 
@@ -211,8 +218,9 @@ impl QosBucket {
         true
     }
 
-    /// At the first look in a new timeslice: one timeslice's tokens onto each bucket, the
-    /// deficit kept and the surplus dropped. The channel that wins the exchange refills.
+    /// At the first look in a new timeslice: the tokens of the timeslices since the last
+    /// refill (at most [`QOS_MAX_MISSED_TIMESLICES`]) onto each bucket, the deficit kept and
+    /// the surplus dropped. The channel that wins the exchange refills.
     fn refill(&self, now_ticks: u64) {
         let now = now_ticks / self.timeslice_ticks;
         let seen = self.timeslice.load(Ordering::Relaxed);
@@ -224,11 +232,14 @@ impl QosBucket {
         {
             return;
         }
+        // `now > seen`, so at least one; bounded, so the product cannot overflow.
+        let slices = (now - seen).min(QOS_MAX_MISSED_TIMESLICES) as i64;
         for k in 0..4 {
             let per = self.per_timeslice[k].load(Ordering::Relaxed);
             if per == 0 {
                 continue;
             }
+            let per = per.saturating_mul(slices);
             // Only fails when the closure returns None, which it never does.
             let _ = self.remaining[k].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
                 Some(r.min(0).saturating_add(per))
@@ -268,12 +279,24 @@ mod tests {
         assert_eq!(admitted, 10, "10000/s is 10 per 1 ms timeslice");
         // Flush is not limited.
         assert!(bucket.try_take(start, IoType::Flush, 0));
-        // Five idle timeslices later: one timeslice's worth, not five.
-        let later = start + 5 * slice;
+        // The next timeslice: its share.
+        let next = start + slice;
+        let admitted = (0..100)
+            .filter(|_| bucket.try_take(next, IoType::Read, 4096))
+            .count();
+        assert_eq!(admitted, 10);
+        // Two timeslices later (one missed, as by a descheduled reactor): both shares.
+        let after_a_gap = next + 2 * slice;
+        let admitted = (0..100)
+            .filter(|_| bucket.try_take(after_a_gap, IoType::Read, 4096))
+            .count();
+        assert_eq!(admitted, 20);
+        // Long idle: at most QOS_MAX_MISSED_TIMESLICES shares, however long.
+        let later = after_a_gap + 1000 * slice;
         let admitted = (0..100)
             .filter(|_| bucket.try_take(later, IoType::Write, 4096))
             .count();
-        assert_eq!(admitted, 10);
+        assert_eq!(admitted, 10 * QOS_MAX_MISSED_TIMESLICES as usize);
     }
 
     #[test]
