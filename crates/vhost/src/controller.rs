@@ -549,6 +549,9 @@ impl BlkBackend {
             Some(file) => Some(file.try_clone().map_err(VuError::ReqHandlerError)?),
             None => None,
         };
+        // Where the ring starts against what the driver has published: after a migration the
+        // two must agree (a ring started past the driver's index would take stale entries).
+        let (start_base, start_avail_idx) = (queue.base().num, queue.driver_avail_idx());
         let blk = BlkQueue::new(BlkQueueParts {
             index: index as u16,
             dev: ctrl.dev.clone(),
@@ -576,7 +579,7 @@ impl BlkBackend {
             tracing::error!(ctrlr = %ctrl.name, index, "vhost: the queue's reactor thread is gone");
             invalid("reactor thread gone")
         })?;
-        tracing::info!(ctrlr = %ctrl.name, index, size, packed, event_idx, thread = thread.name(), "vhost: ring started");
+        tracing::info!(ctrlr = %ctrl.name, index, size, packed, event_idx, base = start_base, avail_idx = ?start_avail_idx, thread = thread.name(), "vhost: ring started");
         vring.running = Some(shared);
         Ok(())
     }

@@ -515,6 +515,15 @@ impl VirtQueue {
         }
     }
 
+    /// The driver's avail index as guest memory holds it now (split rings; for the log at
+    /// ring start, where it should not be behind `base`).
+    pub fn driver_avail_idx(&self) -> Option<u16> {
+        match self {
+            VirtQueue::Split(q) => Some(q.avail.read_u16(SplitLayout::AVAIL_IDX_OFFSET)),
+            VirtQueue::Packed(_) => None,
+        }
+    }
+
     /// The state to give back on GET_VRING_BASE.
     pub fn base(&self) -> VringBase {
         match self {
