@@ -951,8 +951,9 @@ impl<R: Registers> Controller<R> {
         self.arm_aer()
     }
 
-    /// Normal shutdown (CC.SHN = 01b, wait CSTS.SHST = 10b), after which the controller does
-    /// no more DMA. Queue pairs become unusable. Also done on drop.
+    /// Normal shutdown (CC.SHN = 01b, wait CSTS.SHST = 10b), then a reset (CC.EN = 0, wait
+    /// CSTS.RDY = 0), after which the controller does no more DMA. Queue pairs become unusable.
+    /// Also done on drop.
     pub fn detach(mut self) -> Result<(), NvmeError> {
         self.shutdown()
     }
@@ -978,6 +979,16 @@ impl<R: Registers> Controller<R> {
         self.wait_csts("CSTS.SHST = shutdown complete", |c| {
             c.raw & spec::CSTS_SHST_MASK == spec::CSTS_SHST_COMPLETE
         })?;
+        // A shutdown leaves the queues and the shadow doorbell buffer configured, and a command
+        // whose doorbell was just rung (the AER) may still be fetched after it: QEMU's NVMe did
+        // so after the probe had unmapped its memory (a DMAR fault). A reset (CC.EN = 0, 7.6.2
+        // allows it after a shutdown) deletes every queue: at CSTS.RDY = 0 the controller holds
+        // no address of ours, so the memory may go.
+        self.regs.write32(
+            spec::REG_CC,
+            self.regs.read32(spec::REG_CC)? & !(spec::CC_EN | spec::CC_SHN_MASK),
+        )?;
+        self.wait_csts("CSTS.RDY = 0 after the shutdown", |c| !c.ready)?;
         tracing::info!("nvme: controller shut down");
         Ok(())
     }

@@ -95,6 +95,8 @@ pub struct ModelStats {
     pub cq_doorbell_writes: u64,
     pub aborts: u64,
     pub enables: u64,
+    /// CC.SHN writes that started a shutdown.
+    pub shutdowns: u64,
     /// Doorbell Buffer Config commands accepted.
     pub doorbell_buffer_configs: u64,
 }
@@ -434,6 +436,7 @@ impl State {
 
     fn write_cc(&mut self, value: u32) {
         let was_enabled = self.cc & spec::CC_EN != 0;
+        let was_shutting_down = self.cc & spec::CC_SHN_MASK != 0;
         let enable = value & spec::CC_EN != 0;
         self.cc = value;
         if enable && !was_enabled {
@@ -458,6 +461,9 @@ impl State {
             self.controller_reset();
         }
         if value & spec::CC_SHN_MASK != 0 {
+            if !was_shutting_down {
+                self.stats.shutdowns += 1;
+            }
             self.csts = (self.csts & !spec::CSTS_SHST_MASK) | spec::CSTS_SHST_COMPLETE;
         }
     }
