@@ -362,6 +362,12 @@ run_variant() {
     fi
     if [[ -n "$failure" ]]; then
         log "$suite/$variant: FAIL after ${elapsed}s: $failure"
+        # The guest prints its kernel log last: show what the suite printed before it too.
+        if grep -q '^POLLUX-GUEST: ---- guest kernel log ----' "$log_file"; then
+            log "--- the suite's last 30 lines before the guest kernel log ---"
+            tr -d '\r' < "$log_file" | sed '/^POLLUX-GUEST: ---- guest kernel log ----$/,$d' |
+                tail -n 30 >&2
+        fi
         log "--- last 40 lines of $log_file ---"
         tail -n 40 "$log_file" | tr -d '\r' >&2
         return 1
