@@ -984,11 +984,7 @@ impl<R: Registers> Controller<R> {
         // so after the probe had unmapped its memory (a DMAR fault). A reset (CC.EN = 0, 7.6.2
         // allows it after a shutdown) deletes every queue: at CSTS.RDY = 0 the controller holds
         // no address of ours, so the memory may go.
-        self.regs.write32(
-            spec::REG_CC,
-            self.regs.read32(spec::REG_CC)? & !(spec::CC_EN | spec::CC_SHN_MASK),
-        )?;
-        self.wait_csts("CSTS.RDY = 0 after the shutdown", |c| !c.ready)?;
+        self.disable()?;
         tracing::info!("nvme: controller shut down");
         Ok(())
     }
