@@ -2,11 +2,11 @@
 # Builds and runs Pollux's coverage-guided fuzz targets (fuzz/, libFuzzer through the
 # libfuzzer-sys crate, with AddressSanitizer), on the stable toolchain:
 #
-#   scripts/fuzz.sh [TARGET ...] [--seconds N] [--jobs N]   fuzz each target N seconds (default
-#                                                            30; all targets when none named)
-#   scripts/fuzz.sh --replay [TARGET ...]                   only replay the checked-in inputs
-#   scripts/fuzz.sh --merge [TARGET ...]                    minimise .cache/fuzz/corpus/T into
-#                                                            fuzz/corpus/T (to check in)
+#   scripts/fuzz.sh [TARGET ...] [--seconds N]   fuzz each target N seconds (default 30; all
+#                                                targets when none named)
+#   scripts/fuzz.sh --replay [TARGET ...]        only replay the checked-in inputs
+#   scripts/fuzz.sh --merge [TARGET ...]         minimise .cache/fuzz/corpus/T into fuzz/corpus/T
+#                                                (to check in)
 #   scripts/fuzz.sh --list
 #
 # Every run first replays the target's checked-in inputs (fuzz/corpus/T, the seed corpus, and
@@ -75,6 +75,12 @@ cargo build --quiet --release --manifest-path "$repo/Cargo.toml" -p pollux-fuzz 
 bin_dir="$target_dir/$triple/release"
 # Leaks: the targets map one fake guest per process on purpose.
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:symbolize=1"
+
+# The targets' sockets and scratch files live in $TMPDIR; libFuzzer ends a process with exit(),
+# which runs no destructor, so give them a folder of this run's own and remove it at the end.
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/pollux-fuzz.XXXXXX")
+trap 'rm -rf "$scratch"' EXIT
+export TMPDIR="$scratch"
 
 cache="$repo/.cache/fuzz"
 status=0
